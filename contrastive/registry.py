@@ -83,6 +83,8 @@ def _import_builtins() -> None:
 
     for mod in (
         "contrastive.losses",
+        "contrastive.models",
+        "contrastive.transforms",
         "contrastive.encoders",
         "contrastive.samplers",
         "contrastive.filters",
@@ -103,3 +105,4 @@ ENCODERS: Registry = Registry("encoder")
 DATAMODULES: Registry = Registry("datamodule")
 INDEXES: Registry = Registry("index")
 TRANSFORMS: Registry = Registry("feature transform")
+MODELS: Registry = Registry("model")

@@ -1,0 +1,3 @@
+from contrastive.models.dual_encoder import DualEncoderModule, Tower
+
+__all__ = ["DualEncoderModule", "Tower"]

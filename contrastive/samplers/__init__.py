@@ -1,0 +1,3 @@
+from contrastive.samplers.base import InBatchSampler, NegativeSampler
+
+__all__ = ["InBatchSampler", "NegativeSampler"]

@@ -1,0 +1,89 @@
+"""``build_*`` functions: the only place (with the CLI) that reads config. Each turns a validated section
+(a plain dict with a registered ``name`` and keyword arguments) into a plain object."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from torch import nn
+
+from contrastive.config.validate import constructor_params
+from contrastive.registry import DATAMODULES, ENCODERS, FILTERS, LOSSES, MODELS, SAMPLERS, TRANSFORMS, Registry
+
+
+def _kwargs(spec: dict | str) -> tuple[str, dict[str, Any]]:
+    if isinstance(spec, str):
+        return spec, {}
+    spec = dict(spec)
+    return spec.pop("name"), spec
+
+
+def build_component(registry: Registry, spec: dict | str, **filled: Any) -> Any:
+    """Build ``spec`` from ``registry``; ``filled`` values are passed when the constructor accepts them and
+    the spec does not set them."""
+    name, kwargs = _kwargs(spec)
+    params, _ = constructor_params(registry.get(name))
+    for k, v in filled.items():
+        if k in params and k not in kwargs:
+            kwargs[k] = v
+    return registry.build(name, **kwargs)
+
+
+def build_datamodule(spec: dict, run_dir: Optional[Path] = None, seed: int = 0, sampler: Any = None) -> L.LightningDataModule:
+    """The datamodule; its tokenizer is saved in (and reloaded from) ``run_dir/tokenizer``."""
+    filled: dict[str, Any] = {"seed": seed}
+    if run_dir is not None:
+        filled["tokenizer_dir"] = str(run_dir / "tokenizer")
+    if sampler is not None:
+        filled["sampler"] = sampler
+    return build_component(DATAMODULES, spec, **filled)
+
+
+def build_loss(spec: dict | str) -> nn.Module:
+    return build_component(LOSSES, spec)
+
+
+def build_sampler(spec: dict | str | None) -> Any:
+    return build_component(SAMPLERS, spec or "in_batch")
+
+
+def build_filters(specs: Optional[list]) -> list:
+    return [build_component(FILTERS, s) for s in (specs or [])]
+
+
+def build_transforms(specs: Optional[list]) -> list:
+    return [build_component(TRANSFORMS, s) for s in (specs or [])]
+
+
+def build_encoder(spec: dict | str, vocab_size: Optional[int]) -> nn.Module:
+    return build_component(ENCODERS, spec, vocab_size=vocab_size)
+
+
+def build_model(cfg: dict, vocab_size: Optional[int], loss: nn.Module, **objects: Any) -> L.LightningModule:
+    """The LightningModule of ``cfg['model']`` wired with its encoders, ``loss`` and the optimiser/eval
+    settings; ``objects`` (sampler, filters, transforms) are passed when the module accepts them."""
+    name, kwargs = _kwargs(cfg["model"])
+    enc = build_encoder(kwargs.pop("encoder"), vocab_size)
+    doc_spec = kwargs.pop("doc_encoder", None)
+    doc = build_encoder(doc_spec, vocab_size) if doc_spec else None
+    optim, ev = cfg.get("optim") or {}, cfg.get("eval") or {}
+    filled = dict(lr=optim.get("lr"), weight_decay=optim.get("weight_decay"), warmup_steps=optim.get("warmup_steps"),
+                  scheduler=optim.get("scheduler"), eval_chunk_size=ev.get("chunk_size"),
+                  csn_distractors=ev.get("csn_distractors"), **objects)
+    params, _ = constructor_params(MODELS.get(name))
+    for k, v in filled.items():
+        if v is not None and k in params and k not in kwargs:
+            kwargs[k] = v
+    return MODELS.build(name, query_encoder=enc, doc_encoder=doc, loss=loss, **kwargs)
+
+
+def trainer_kwargs(cfg: dict) -> dict[str, Any]:
+    from contrastive.config.schema import TrainerConfig
+
+    import dataclasses
+
+    base = dataclasses.asdict(TrainerConfig())
+    base.update(cfg.get("trainer") or {})
+    return {k: v for k, v in base.items() if v is not None}

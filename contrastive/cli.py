@@ -1,0 +1,296 @@
+"""The ``contrastive`` command line: ``fit``, ``validate``, ``test``, ``eval`` (and ``mine``).
+
+    contrastive fit configs/codesearch/infonce.yaml loss.temperature=0.1 trainer.max_epochs=3
+    contrastive fit configs/codesearch/infonce.yaml --resume            # last run of the experiment
+    contrastive test runs/codesearch_infonce/version_0                   # best checkpoint of a run
+    contrastive fit runs/codesearch_infonce/version_0/config.yaml        # relaunch from the saved config
+
+Outputs go to ``runs/<experiment>/version_<n>/``: ``config.yaml`` (fully resolved), CSV and TensorBoard
+logs, ``checkpoints/{best,last}.ckpt``, ``tokenizer/`` and ``results.json``. User errors print one line and
+exit non-zero; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+log = logging.getLogger("contrastive")
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """An error in the user's command, config or data (printed as one line)."""
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def next_version_dir(root: Path) -> Path:
+    versions = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    return root / f"version_{max(versions, default=-1) + 1}"
+
+
+def latest_resumable(root: Path) -> Optional[Path]:
+    runs = sorted((p for p in root.glob("version_*") if (p / "checkpoints" / "last.ckpt").is_file()),
+                  key=lambda p: int(p.name.split("_")[1]))
+    return runs[-1] if runs else None
+
+
+def resolve_target(target: str) -> tuple[Path, Optional[Path]]:
+    """``target`` is a config file or a run directory; returns (config path, run dir or None)."""
+    p = Path(target)
+    if p.is_dir():
+        if not (p / "config.yaml").is_file():
+            raise UserError(f"{p}: not a run directory (no config.yaml)")
+        return p / "config.yaml", p
+    if p.name == "config.yaml" and (p.parent / "checkpoints").is_dir():
+        return p, p.parent
+    return p, None
+
+
+def load_config(path: Path, overrides: Sequence[str]) -> dict:
+    from contrastive.config.loader import compose
+    from contrastive.config.validate import validate
+
+    cfg, prov = compose(path, list(overrides))
+    return validate(cfg, prov)
+
+
+def find_checkpoint(run_dir: Optional[Path], explicit: Optional[str]) -> Optional[str]:
+    if explicit:
+        if not Path(explicit).is_file():
+            raise UserError(f"--ckpt: checkpoint not found: {explicit}")
+        return explicit
+    if run_dir is None:
+        return None
+    for name in ("best.ckpt", "last.ckpt"):
+        if (run_dir / "checkpoints" / name).is_file():
+            return str(run_dir / "checkpoints" / name)
+    raise UserError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
+
+
+# ---------------------------------------------------------------------------------------------- wiring
+class Job:
+    """Everything one command needs, built from a validated config."""
+
+    def __init__(self, cfg: dict, run_dir: Path) -> None:
+        import lightning as L
+        import torch
+
+        from contrastive import build
+
+        self.cfg, self.run_dir = cfg, run_dir
+        run = cfg.get("run") or {}
+        if run.get("num_threads"):
+            torch.set_num_threads(int(run["num_threads"]))
+        L.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
+        self.sampler = build.build_sampler(cfg.get("sampler"))
+        self.datamodule = build.build_datamodule(cfg["data"], run_dir=run_dir, seed=int(cfg.get("seed", 0)),
+                                                 sampler=self.sampler)
+        self.datamodule.prepare_data()
+        self.datamodule.setup("fit")
+        self.loss = build.build_loss(cfg["loss"])
+        objects: dict[str, Any] = {"sampler": self.sampler}
+        if cfg.get("filters"):
+            objects["filters"] = build.build_filters(cfg["filters"])
+        if cfg.get("transforms"):
+            objects["feature_transform"] = build.build_transforms(cfg["transforms"])
+        self.model = build.build_model(cfg, getattr(self.datamodule, "vocab_size", None), self.loss, **objects)
+
+    def trainer(self, callbacks_extra: Sequence[Any] = ()) -> Any:
+        import lightning as L
+        from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+        from contrastive.build import trainer_kwargs
+        from contrastive.callbacks import build_callbacks
+
+        run = self.cfg.get("run") or {}
+        out, name, version = self.run_dir.parent.parent, self.run_dir.parent.name, self.run_dir.name
+        loggers = [CSVLogger(save_dir=str(out), name=name, version=version),
+                   TensorBoardLogger(save_dir=str(out), name=name, version=version, default_hp_metric=False)]
+        callbacks = [
+            ModelCheckpoint(dirpath=str(self.run_dir / "checkpoints"), filename="best",
+                            monitor=run.get("monitor", "val/mrr"), mode=run.get("monitor_mode", "max"),
+                            save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
+            LearningRateMonitor(logging_interval="step"),
+            *build_callbacks(self.cfg, self),
+            *callbacks_extra,
+        ]
+        return L.Trainer(default_root_dir=str(self.run_dir), logger=loggers, callbacks=callbacks,
+                         **trainer_kwargs(self.cfg))
+
+
+def save_results(run_dir: Path, results: dict) -> None:
+    path = run_dir / "results.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    previous.update(results)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(previous, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def format_table(rows: dict[str, dict[str, float]], keys: Sequence[str]) -> str:
+    head = "| system | " + " | ".join(keys) + " |"
+    sep = "|---" * (len(keys) + 1) + "|"
+    lines = [head, sep]
+    for system, m in rows.items():
+        lines.append(f"| {system} | " + " | ".join(f"{m[k]:.4f}" if k in m else "-" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+REPORT_KEYS = ("mrr", "recall@1", "recall@5", "recall@10", "ndcg@10", "filtered_mrr", "csn_mrr")
+
+
+def evaluate(job: Job, trainer: Any, ckpt: Optional[str]) -> dict[str, Any]:
+    """Test the model on the test split (full corpus + CSN-style MRR) and the BM25 baseline beside it."""
+    job.datamodule.setup("test")
+    trainer.test(job.model, datamodule=job.datamodule, ckpt_path=ckpt, verbose=False)
+    model_m = {k.split("/", 1)[1]: v for k, v in job.model.last_metrics.items() if k.startswith("test/")}
+    rows = {"model": model_m}
+    results: dict[str, Any] = {"test": model_m, "checkpoint": ckpt}
+    if (job.cfg.get("eval") or {}).get("bm25_baseline", True) and trainer.is_global_zero:
+        bm = bm25_baseline_for(job.datamodule)
+        if bm is not None:
+            rows["bm25"] = bm
+            results["bm25"] = bm
+    if trainer.is_global_zero:
+        print(f"\nTest retrieval on {int(model_m.get('corpus_size', 0))} documents ({job.cfg['experiment']}):")
+        print(format_table(rows, REPORT_KEYS))
+        save_results(job.run_dir, results)
+    return results
+
+
+def bm25_baseline_for(datamodule: Any) -> Optional[dict[str, float]]:
+    corpus = getattr(datamodule, "corpus", None)
+    if corpus is None or not hasattr(corpus, "records"):
+        return None
+    import torch
+
+    from contrastive.baselines.bm25 import bm25_baseline
+
+    recs = sorted(corpus.records("test"), key=lambda r: r.id)
+    positive = torch.arange(len(recs))
+    dup = torch.tensor([r.dup_group for r in recs])
+    return {k: float(v) for k, v in bm25_baseline([r.query for r in recs], [r.document for r in recs], positive,
+                                                  dup_group=dup).items()}
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_fit(args: argparse.Namespace) -> int:
+    from contrastive.config.loader import save_resolved
+    from omegaconf import OmegaConf
+
+    config_path, run_dir = resolve_target(args.config)
+    ckpt = None
+    if args.resume is not None:
+        if args.resume != "latest":
+            config_path, run_dir = resolve_target(args.resume)
+        cfg = load_config(config_path, args.overrides)
+        if args.resume == "latest":
+            root = Path((cfg.get("run") or {}).get("output_dir", "runs")) / cfg["experiment"]
+            run_dir = latest_resumable(root)
+            if run_dir is None:
+                raise UserError(f"--resume: no run of '{cfg['experiment']}' with checkpoints/last.ckpt under {root}")
+        ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+        if not Path(ckpt).is_file():
+            raise UserError(f"--resume: {ckpt} does not exist")
+        print(f"Resuming {run_dir} from {ckpt}")
+    else:
+        cfg = load_config(config_path, args.overrides)
+        root = Path((cfg.get("run") or {}).get("output_dir", "runs")) / cfg["experiment"]
+        run_dir = next_version_dir(root)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = Job(cfg, run_dir)
+    save_resolved(OmegaConf.create(job.cfg), run_dir / "config.yaml")
+    print(f"Run directory: {run_dir}")
+    trainer = job.trainer()
+    trainer.fit(job.model, datamodule=job.datamodule, ckpt_path=ckpt)
+    if (cfg.get("run") or {}).get("test_after_fit", True):
+        best = run_dir / "checkpoints" / "best.ckpt"
+        evaluate(job, trainer, str(best) if best.is_file() else None)
+    return 0
+
+
+def _load_for_eval(args: argparse.Namespace) -> tuple[Job, Optional[str]]:
+    config_path, run_dir = resolve_target(args.config)
+    cfg = load_config(config_path, args.overrides)
+    ckpt = find_checkpoint(run_dir, args.ckpt)
+    if run_dir is None:
+        root = Path((cfg.get("run") or {}).get("output_dir", "runs")) / cfg["experiment"]
+        run_dir = next_version_dir(root)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return Job(cfg, run_dir), ckpt
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    job, ckpt = _load_for_eval(args)
+    trainer = job.trainer()
+    trainer.validate(job.model, datamodule=job.datamodule, ckpt_path=ckpt, verbose=False)
+    print(json.dumps(job.model.last_metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    job, ckpt = _load_for_eval(args)
+    trainer = job.trainer()
+    job.datamodule.setup("test")
+    trainer.test(job.model, datamodule=job.datamodule, ckpt_path=ckpt, verbose=False)
+    print(json.dumps(job.model.last_metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    job, ckpt = _load_for_eval(args)
+    evaluate(job, job.trainer(), ckpt)
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "validate": cmd_validate, "test": cmd_test, "eval": cmd_eval}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="contrastive", description=__doc__.split("\n")[0])
+    p.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("fit", "train (then test) a model"), ("validate", "validate a checkpoint"),
+                        ("test", "test a checkpoint"), ("eval", "test a checkpoint and the BM25 baseline")):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("config", help="experiment YAML, a run's config.yaml or a run directory")
+        sp.add_argument("overrides", nargs="*", help="key=value or group=name")
+        sp.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        if name == "fit":
+            sp.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
+                            help="resume from last.ckpt of RUN_DIR (default: the experiment's latest run)")
+        else:
+            sp.add_argument("--ckpt", default=None, help="checkpoint (default: the run's best, then last)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    debug = args.debug or os.environ.get("CONTRASTIVE_DEBUG") == "1"
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("contrastive: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for users; the traceback with --debug
+        if debug:
+            raise
+        from contrastive.config.errors import ConfigError
+
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"contrastive: {kind}: {msg} [{type(e).__name__}; rerun with --debug for the traceback]", file=sys.stderr)
+        return EXIT_USER_ERROR if isinstance(e, (ConfigError, UserError, FileNotFoundError, KeyError)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
