@@ -263,7 +263,7 @@ def parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("config", help="experiment YAML, a run's config.yaml or a run directory")
         sp.add_argument("overrides", nargs="*", help="key=value or group=name")
-        sp.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if name == "fit":
             sp.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
                             help="resume from last.ckpt of RUN_DIR (default: the experiment's latest run)")

@@ -11,7 +11,11 @@ Every loss sees the same inputs (:class:`ContrastiveInputs`):
   positives are ignored. ``None`` means all ones.
 - ``false_negative_mask`` ``(B, M)`` bool, optional: known false negatives (duplicates, same label, filter
   output). They are removed from the denominator; positives are never masked.
-- ``difficulty`` ``(B, M)`` float, optional: a per-negative difficulty score for margin calibration.
+- ``difficulty`` ``(B, M)`` float, optional: a per-negative difficulty score for margin calibration
+  (:class:`~contrastive.losses.margin.CementLoss`).
+- ``similarity_estimate`` ``(B, M)`` float, optional: an external estimate r_ij of how related anchor i and
+  candidate j are (BM25, a frozen encoder, ...), used by
+  :class:`~contrastive.losses.soft_infonce.SoftInfoNCELoss` to weight negatives.
 
 Losses are pure functions in :mod:`contrastive.losses.functional` with thin :class:`ContrastiveLoss`
 shells that validate inputs, optionally add the reverse direction (``symmetric=True``) and return a
@@ -50,6 +54,7 @@ class ContrastiveInputs:
     weights: Optional[Tensor] = None
     false_negative_mask: Optional[Tensor] = None
     difficulty: Optional[Tensor] = None
+    similarity_estimate: Optional[Tensor] = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -90,7 +95,7 @@ class ContrastiveInputs:
                 bad = (~torch.isfinite(t)).any(dim=1).nonzero().flatten()[:5].tolist()
                 raise LossInputError(f"{name} contain NaN or infinite values (rows {bad} ...)")
         b, m = self.shape
-        for name in ("positive_mask", "weights", "false_negative_mask", "difficulty"):
+        for name in ("positive_mask", "weights", "false_negative_mask", "difficulty", "similarity_estimate"):
             t = getattr(self, name)
             if t is None:
                 continue
@@ -127,6 +132,7 @@ class ContrastiveInputs:
             weights=t(self.weights),
             false_negative_mask=t(self.false_negative_mask),
             difficulty=t(self.difficulty),
+            similarity_estimate=t(self.similarity_estimate),
         )
 
     def to(self, dtype: torch.dtype) -> "ContrastiveInputs":
@@ -160,20 +166,38 @@ class ContrastiveLoss(nn.Module, abc.ABC):
         weights: Optional[Tensor] = None,
         false_negative_mask: Optional[Tensor] = None,
         difficulty: Optional[Tensor] = None,
+        similarity_estimate: Optional[Tensor] = None,
         reverse: Optional[ContrastiveInputs] = None,
     ) -> LossOutput:
         """Return the loss; ``reverse`` gives the second direction's inputs when ``symmetric`` and the
         problem is not square (e.g. under DDP: local documents against all gathered queries)."""
-        inputs = ContrastiveInputs(anchors, candidates, positive_mask, weights, false_negative_mask, difficulty)
+        inputs = ContrastiveInputs(anchors, candidates, positive_mask, weights, false_negative_mask, difficulty,
+                                   similarity_estimate)
         return self.forward_inputs(inputs, reverse)
 
     def forward_inputs(self, inputs: ContrastiveInputs, reverse: Optional[ContrastiveInputs] = None) -> LossOutput:
+        """Validate, run :meth:`one_way` (and the reverse direction when ``symmetric``), check the result.
+
+        Raises:
+            LossInputError: bad inputs (see :meth:`ContrastiveInputs.validate`), every anchor skipped, or a
+                non-finite loss (never returned silently).
+        """
         out = self.one_way(inputs.validate())
-        if not self.symmetric:
-            return out
-        rev = (reverse if reverse is not None else inputs.reversed()).validate()
-        out_r = self.one_way(rev)
-        logs = {k: v for k, v in out.logs.items()}
-        for k, v in out_r.logs.items():
-            logs[f"{k}_rev"] = v
-        return LossOutput(loss=0.5 * (out.loss + out_r.loss), logs=logs)
+        if self.symmetric:
+            rev = (reverse if reverse is not None else inputs.reversed()).validate()
+            out_r = self.one_way(rev)
+            logs = {k: v for k, v in out.logs.items()}
+            for k, v in out_r.logs.items():
+                logs[f"{k}_rev"] = v
+            out = LossOutput(loss=0.5 * (out.loss + out_r.loss), logs=logs)
+        check_finite_loss(out.loss, type(self).__name__, inputs.anchors.dtype)
+        return out
+
+
+def check_finite_loss(loss: Tensor, where: str, dtype: torch.dtype) -> None:
+    """Raise :class:`LossInputError` instead of returning a NaN or infinite loss."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise LossInputError(
+            f"{where} produced a non-finite loss ({loss.detach().flatten()[:1].tolist()}) from finite inputs in "
+            f"{dtype}; the similarities overflowed: use a larger temperature, L2-normalised embeddings or float32"
+        )
