@@ -102,7 +102,8 @@ class Job:
             objects["feature_transform"] = build.build_transforms(cfg["transforms"])
         self.model = build.build_model(cfg, getattr(self.datamodule, "vocab_size", None), self.loss, **objects)
 
-    def trainer(self, callbacks_extra: Sequence[Any] = ()) -> Any:
+    def trainer(self, callbacks_extra: Sequence[Any] = (), log_dir: Optional[Path] = None) -> Any:
+        """A Trainer logging (CSV + TensorBoard) to ``log_dir`` (default: the run directory)."""
         import lightning as L
         from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
         from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -111,7 +112,8 @@ class Job:
         from contrastive.callbacks import build_callbacks
 
         run = self.cfg.get("run") or {}
-        out, name, version = self.run_dir.parent.parent, self.run_dir.parent.name, self.run_dir.name
+        log_dir = self.run_dir if log_dir is None else log_dir
+        out, name, version = log_dir.parent.parent, log_dir.parent.name, log_dir.name
         loggers = [CSVLogger(save_dir=str(out), name=name, version=version),
                    TensorBoardLogger(save_dir=str(out), name=name, version=version, default_hp_metric=False)]
         callbacks = [
@@ -176,9 +178,7 @@ def bm25_baseline_for(datamodule: Any) -> Optional[dict[str, float]]:
 
     recs = sorted(corpus.records("test"), key=lambda r: r.id)
     positive = torch.arange(len(recs))
-    dup = torch.tensor([r.dup_group for r in recs])
-    return {k: float(v) for k, v in bm25_baseline([r.query for r in recs], [r.document for r in recs], positive,
-                                                  dup_group=dup).items()}
+    return {k: float(v) for k, v in bm25_baseline([r.query for r in recs], [r.document for r in recs], positive).items()}
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -201,6 +201,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if not Path(ckpt).is_file():
             raise UserError(f"--resume: {ckpt} does not exist")
         print(f"Resuming {run_dir} from {ckpt}")
+        if (run_dir / "metrics.csv").is_file():  # Lightning's CSV logger starts metrics.csv afresh
+            n = len(list(run_dir.glob("metrics.before_resume_*.csv")))
+            os.replace(run_dir / "metrics.csv", run_dir / f"metrics.before_resume_{n}.csv")
     else:
         cfg = load_config(config_path, args.overrides)
         root = Path((cfg.get("run") or {}).get("output_dir", "runs")) / cfg["experiment"]
@@ -228,9 +231,15 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[Job, Optional[str]]:
     return Job(cfg, run_dir), ckpt
 
 
+def eval_log_dir(run_dir: Path, command: str) -> Path:
+    """Logs of validate/test/eval go beside the training logs, never over them."""
+    root = run_dir / "eval"
+    return root / f"{command}_{len(list(root.glob(f'{command}_*')))}"
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     job, ckpt = _load_for_eval(args)
-    trainer = job.trainer()
+    trainer = job.trainer(log_dir=eval_log_dir(job.run_dir, "validate"))
     trainer.validate(job.model, datamodule=job.datamodule, ckpt_path=ckpt, verbose=False)
     print(json.dumps(job.model.last_metrics, indent=2, sort_keys=True))
     return 0
@@ -238,7 +247,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     job, ckpt = _load_for_eval(args)
-    trainer = job.trainer()
+    trainer = job.trainer(log_dir=eval_log_dir(job.run_dir, "test"))
     job.datamodule.setup("test")
     trainer.test(job.model, datamodule=job.datamodule, ckpt_path=ckpt, verbose=False)
     print(json.dumps(job.model.last_metrics, indent=2, sort_keys=True))
@@ -247,11 +256,78 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     job, ckpt = _load_for_eval(args)
-    evaluate(job, job.trainer(), ckpt)
+    evaluate(job, job.trainer(log_dir=eval_log_dir(job.run_dir, "eval")), ckpt)
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "validate": cmd_validate, "test": cmd_test, "eval": cmd_eval}
+def cmd_mine(args: argparse.Namespace) -> int:
+    """Mine negatives once with the config's sampler and write the table (format:
+    :mod:`contrastive.samplers.table`) and its quality report (``<out stem>.report.{json,png}``)."""
+    import torch
+
+    from contrastive.callbacks import config_fingerprint
+    from contrastive.callbacks.refresh import datamodule_tokenize, refresh_or_load
+    from contrastive.callbacks.report import NegativeQualityReport
+    from contrastive.samplers.table import utc_now
+
+    config_path, run_dir = resolve_target(args.config)
+    cfg = load_config(config_path, args.overrides)
+    if run_dir is None:
+        root = Path((cfg.get("run") or {}).get("output_dir", "runs")) / cfg["experiment"]
+        run_dir = next_version_dir(root)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    job = Job(cfg, run_dir)
+    sampler = job.sampler
+    name = (cfg.get("sampler") or {}).get("name", "in_batch") if isinstance(cfg.get("sampler"), dict) else cfg.get("sampler")
+    if not hasattr(sampler, "is_setup"):
+        raise UserError(f"sampler '{name}' mines no negatives (in-batch / queue); choose sampler=bm25, random, "
+                        "faiss_hard or ngame")
+    if not sampler.is_setup:  # a datamodule that does not set the sampler up itself
+        train = job.datamodule.records("train")
+        sampler.setup([r.query for r in train], [r.document for r in train], torch.tensor([r.id for r in train]),
+                      torch.tensor([r.dup_group for r in train]))
+    out = Path(args.out) if args.out else run_dir / "negatives" / "mined.npz"
+    step, epoch, stats = 0, 0, {}
+    if sampler.needs_model:
+        ckpt = args.ckpt or (find_checkpoint(run_dir, None) if (run_dir / "checkpoints").is_dir() else None)
+        if ckpt:
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            job.model.load_state_dict(state["state_dict"])
+            step, epoch = int(state.get("global_step", 0)), int(state.get("epoch", 0))
+            print(f"Mining with {ckpt} (step {step})")
+        else:
+            print("Mining with the initial (untrained) weights: pass --ckpt or a run directory for a trained model")
+        if hasattr(sampler, "first_refresh_epoch"):  # NGAME: cluster at the curriculum size of that epoch
+            epoch = max(epoch, sampler.first_refresh_epoch)
+        sampler.set_epoch(epoch)
+        table, stats, _, _ = refresh_or_load(sampler, job.model, datamodule_tokenize(job.datamodule), step, None,
+                                             config_fingerprint(cfg), progress=True, write=False)
+    elif getattr(sampler, "table", None) is not None:
+        table = sampler.table
+        stats = dict(table.header.get("stats") or {})
+    elif callable(getattr(sampler, "mine_all", None)):
+        table = sampler.mine_all()
+        table.header.update({"sampler": {"name": name, "settings": sampler.settings()}, "checkpoint": None,
+                             "corpus": {"size": sampler.num_rows, "fingerprint": sampler.corpus_fingerprint()},
+                             "created": utc_now(), "stats": {}})
+    else:
+        raise UserError(f"sampler '{name}' produced no table to write")
+    if table is None:
+        raise UserError(f"sampler '{name}' produced no table to write")
+    table.header.setdefault("key", None)
+    table.header["info"] = {**(table.header.get("info") or {}), "config": str(config_path), "command": "mine"}
+    table.save(out)
+    metrics = NegativeQualityReport().write(table, step, out.parent, name=f"{out.stem}.report")
+    print(f"Mined {table.query_rows.shape[0]} x {table.num_negatives} negatives with sampler '{name}' -> {out}")
+    for key in ("negatives/before/dup_fraction", "negatives/after/dup_fraction", "negatives/after/mean_score",
+                "negatives/after/mean_margin", "negatives/after/frac_above_positive", "negatives/short_fraction"):
+        if key in metrics:
+            print(f"  {key}: {metrics[key]:.4f}")
+    print(f"Report: {out.parent / (out.stem + '.report.json')}")
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "validate": cmd_validate, "test": cmd_test, "eval": cmd_eval, "mine": cmd_mine}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -259,7 +335,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("fit", "train (then test) a model"), ("validate", "validate a checkpoint"),
-                        ("test", "test a checkpoint"), ("eval", "test a checkpoint and the BM25 baseline")):
+                        ("test", "test a checkpoint"), ("eval", "test a checkpoint and the BM25 baseline"),
+                        ("mine", "mine negatives once with the config's sampler; write the table and a report")):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("config", help="experiment YAML, a run's config.yaml or a run directory")
         sp.add_argument("overrides", nargs="*", help="key=value or group=name")
@@ -269,11 +346,21 @@ def parser() -> argparse.ArgumentParser:
                             help="resume from last.ckpt of RUN_DIR (default: the experiment's latest run)")
         else:
             sp.add_argument("--ckpt", default=None, help="checkpoint (default: the run's best, then last)")
+        if name == "mine":
+            sp.add_argument("--out", default=None, metavar="FILE",
+                            help="mined table .npz (default: <run dir>/negatives/mined.npz)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, unknown = p.parse_known_args(argv)
+    # overrides may follow options (``fit cfg.yaml --resume run/ loss.temperature=0.1``)
+    stray = [u for u in unknown if "=" not in u or u.startswith("-")]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    if unknown:
+        args.overrides = [*getattr(args, "overrides", []), *unknown]
     debug = args.debug or os.environ.get("CONTRASTIVE_DEBUG") == "1"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

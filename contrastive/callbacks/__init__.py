@@ -1,9 +1,68 @@
-"""Lightning callbacks (negative refresh, reports) and the builder that reads the ``callbacks`` section."""
+"""Lightning callbacks (negative refresh, negative-quality reports) and the builder that reads the config.
+
+``build_callbacks(cfg, job)`` returns
+
+- a :class:`~contrastive.callbacks.refresh.NegativeRefreshCallback` when ``job.sampler.needs_model``
+  (``faiss_hard``, ``ngame``), scheduled by the sampler's ``refresh_every_n_epochs`` /
+  ``refresh_every_n_steps`` / ``refresh_start_epoch`` (or its own ``should_refresh``); it also writes the
+  quality report at every refresh;
+- a :class:`~contrastive.callbacks.report.NegativeReportCallback` when the sampler holds a fixed mined
+  table (``bm25``), which reports it once at the start of training.
+
+Optional ``callbacks.refresh`` keys in the experiment config: ``cache_dir``, ``batch_size``, ``report``,
+``use_cache``, ``progress_bar``; ``callbacks.negative_report: false`` turns the reports off.
+"""
 from __future__ import annotations
 
 from typing import Any
 
+from contrastive.callbacks.refresh import NegativeRefreshCallback
+from contrastive.callbacks.report import NegativeQualityReport, NegativeReportCallback, negative_quality
+
+__all__ = ["NegativeRefreshCallback", "NegativeReportCallback", "NegativeQualityReport", "negative_quality",
+           "build_callbacks", "config_fingerprint"]
+
+_REFRESH_KEYS = ("cache_dir", "batch_size", "report", "use_cache", "progress_bar")
+
+
+def config_fingerprint(cfg: dict) -> str:
+    """Fingerprint of the config parts that change embeddings besides the weights (the model section and
+    the tokenisation settings of the data section); part of the mined-table cache key."""
+    from contrastive.samplers.table import fingerprint
+
+    data = cfg.get("data") or {}
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if any(t in k for t in ("vocab", "length", "token", "name"))}
+    return fingerprint({"data": data, "model": cfg.get("model")})
+
 
 def build_callbacks(cfg: dict, job: Any) -> list:
-    """Callbacks implied by the config (e.g. the sampler's refresh); empty for in-batch training."""
-    return []
+    """Callbacks implied by the config (the sampler's refresh and report); empty for in-batch training."""
+    sampler = getattr(job, "sampler", None)
+    section = dict((cfg.get("callbacks") or {}))
+    reports = bool(section.get("negative_report", True))
+    out: list = []
+    if sampler is None:
+        return out
+    if getattr(sampler, "needs_model", False):
+        opts = dict(section.get("refresh") or {})
+        unknown = sorted(set(opts) - set(_REFRESH_KEYS))
+        if unknown:
+            raise ValueError(f"unknown key(s) callbacks.refresh.{', callbacks.refresh.'.join(unknown)}; valid keys: "
+                             f"{', '.join(_REFRESH_KEYS)}")
+        opts.setdefault("report", reports)
+        if getattr(job, "run_dir", None) is not None and "cache_dir" not in opts:
+            opts["cache_dir"] = str(job.run_dir / "negatives")
+        # the cache key must change with anything that changes the embeddings besides the weights
+        out.append(NegativeRefreshCallback(
+            sampler,
+            every_n_epochs=getattr(sampler, "refresh_every_n_epochs", 1),
+            every_n_steps=getattr(sampler, "refresh_every_n_steps", None),
+            start_epoch=getattr(sampler, "refresh_start_epoch", 1),
+            config_fingerprint=config_fingerprint(cfg),
+            **opts,
+        ))
+    elif reports and getattr(sampler, "table", None) is not None:
+        out.append(NegativeReportCallback(sampler, out_dir=str(job.run_dir / "negatives")
+                                          if getattr(job, "run_dir", None) is not None else None))
+    return out

@@ -32,6 +32,7 @@ class TrainerConfig:
     deterministic: Optional[bool] = None
     enable_progress_bar: bool = True
     enable_checkpointing: bool = True
+    use_distributed_sampler: bool = True
     max_time: Optional[str] = None
 
 
@@ -90,4 +91,5 @@ BUILD_FILLED: dict[str, tuple[str, ...]] = {
     "model": ("query_encoder", "doc_encoder", "loss", "lr", "weight_decay", "warmup_steps", "scheduler",
               "eval_chunk_size", "csn_distractors", "sampler", "feature_transform", "filters"),
     "encoder": ("vocab_size",),
+    "datamodule": ("sampler",),
 }

@@ -153,6 +153,10 @@ class CodeSearchDataModule(L.LightningDataModule):
         tokenizer_dir: where the tokenizer is loaded from if it exists, else trained and saved to;
             default a directory in the cache keyed by the corpus fingerprint and BPE settings.
         build_workers: processes used to build the corpus (default ``min(4, cpu_count)``).
+        sampler: a :class:`contrastive.samplers.NegativeSampler` (filled by the job from ``sampler:``). It is
+            set up on the train split in :meth:`setup` (row ``i`` = train item ``i``), and the train loader
+            adds its extra negatives (``neg_*`` keys) and follows its batch order (NGAME); see
+            :mod:`contrastive.samplers.collate`.
     """
 
     def __init__(
@@ -178,6 +182,7 @@ class CodeSearchDataModule(L.LightningDataModule):
         seed: int = 0,
         tokenizer_dir: str | None = None,
         build_workers: int | None = None,
+        sampler: Any = None,
     ) -> None:
         super().__init__()
         if source not in ("local", "jsonl"):
@@ -195,7 +200,7 @@ class CodeSearchDataModule(L.LightningDataModule):
                             ("min_frequency", min_frequency, 1)):
             if not isinstance(v, int) or v < lo:
                 raise ValueError(f"codesearch: {name} must be an integer >= {lo}; got {v!r}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["sampler"])
         self.source, self.path = source, path
         self.cache_dir = resolve_cache_dir(cache_dir)
         self.max_files, self.max_pairs, self.max_group_pairs = max_files, max_pairs, max_group_pairs
@@ -205,6 +210,8 @@ class CodeSearchDataModule(L.LightningDataModule):
         self.max_query_length, self.max_doc_length = max_query_length, max_doc_length
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.seed, self.tokenizer_dir, self.build_workers = seed, tokenizer_dir, build_workers
+        self.sampler = sampler  # a contrastive.samplers NegativeSampler, set up on the train split in setup()
+        self._sampler_corpus: str | None = None
         self.corpus: CodeSearchCorpus | None = None
         self.tokenizer: BPETokenizer | None = None
         self.tokenizer_dir_used: str | None = None
@@ -300,16 +307,56 @@ class CodeSearchDataModule(L.LightningDataModule):
                   "predict": ("test",)}.get(stage or "", SPLITS)
         for s in splits:
             self._dataset(s)
+        if "train" in splits:
+            self._setup_sampler()
+
+    def _setup_sampler(self) -> None:
+        """Give the sampler the training split (row ``i`` = train dataset item ``i``), once per corpus."""
+        if self.sampler is None or self._sampler_corpus == self._ensure_corpus().fingerprint:
+            return
+        records, ds = self._ensure_corpus().records("train"), self._dataset("train")
+        self.sampler.setup([r.query for r in records], [r.document for r in records], ds.pair_ids, ds.dup_groups)
+        self._sampler_corpus = self._ensure_corpus().fingerprint
 
     def train_dataloader(self) -> DataLoader:
         ds = self._dataset("train")
         if len(ds) < self.batch_size:
             raise CorpusError(f"codesearch: the train split has {len(ds)} pairs, fewer than batch_size={self.batch_size} "
                               f"(drop_last=True would give no batch)")
+        if self.sampler is not None:
+            loader = self._sampler_train_loader(ds)
+            if loader is not None:
+                return loader
         g = torch.Generator().manual_seed(self.seed)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
                           collate_fn=PairCollate(ds, self.tokenizer.pad_id), num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
+
+    def _sampler_train_loader(self, ds: PairDataset) -> DataLoader | None:
+        """Train loader wired with the negative sampler (see :mod:`contrastive.samplers.collate`): extra
+        negatives through :class:`NegativeCollate`, batch order through :class:`SamplerBatchSampler` (NGAME,
+        or per-epoch negatives on a single process); ``None`` for in-batch samplers (the plain loader)."""
+        from contrastive.samplers.collate import (NegativeCollate, SamplerBatchSampler, TokenizerEncoder,
+                                                  _is_distributed, shapes_batches)
+
+        self._setup_sampler()
+        sampler, records = self.sampler, self.records("train")
+        collate: Any = PairCollate(ds, self.tokenizer.pad_id)
+        extra = int(getattr(sampler, "num_negatives", 0) or 0) > 0
+        if extra:
+            collate = NegativeCollate(collate, sampler, [r.document for r in records], ds.pair_ids, ds.dup_groups,
+                                      TokenizerEncoder(self.tokenizer, self.max_doc_length), seed=self.seed)
+        if not (shapes_batches(sampler) or (extra and not _is_distributed())):
+            if not extra:
+                return None
+            g = torch.Generator().manual_seed(self.seed)
+            return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
+                              collate_fn=collate, num_workers=self.num_workers, persistent_workers=False)
+        # per-epoch / refreshed negatives must reach the workers: no persistent workers with extra negatives
+        persistent = self.num_workers > 0 and not extra
+        batches = SamplerBatchSampler(sampler, len(ds), self.batch_size, seed=self.seed, drop_last=True)
+        return DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=self.num_workers,
+                          persistent_workers=persistent)
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self._dataset(split)

@@ -1,0 +1,307 @@
+"""Batch integration of negative samplers: a collate that appends extra negatives, and a batch sampler
+that lets a sampler order the batches (NGAME).
+
+How a datamodule wires a sampler (``sampler: NegativeSampler | None = None`` constructor argument)
+-------------------------------------------------------------------------------------------------
+Training rows are the positions ``0..N-1`` of the training records **in the order given to**
+``sampler.setup``; dataset index ``i`` must be row ``i``::
+
+    def setup(self, stage):
+        ...
+        train = self.corpus.records("train")                       # the training records, fixed order
+        if self.sampler is not None:
+            self.sampler.setup([r.query for r in train], [r.document for r in train],
+                               torch.tensor([r.id for r in train]), torch.tensor([r.dup_group for r in train]))
+
+    def train_dataloader(self):
+        collate = self.collate                                      # the usual collate -> batch dict
+        if self.sampler is None:
+            return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=collate, ...)
+        if self.sampler.num_negatives > 0:                          # random / bm25 / faiss_hard
+            collate = NegativeCollate(collate, self.sampler, [r.document for r in train],
+                                      torch.tensor([r.id for r in train]), torch.tensor([r.dup_group for r in train]),
+                                      encode_docs=lambda texts: self.tokenizer.encode_batch(texts, self.max_doc_length))
+        batches = SamplerBatchSampler(self.sampler, len(self.train_set), self.batch_size, seed=self.seed,
+                                      drop_last=True)              # NGAME order, else a seeded shuffle
+        return DataLoader(self.train_set, batch_sampler=batches, collate_fn=collate,
+                          num_workers=self.num_workers, persistent_workers=False)
+
+Rows of a batch: dataset items that are plain ints are the rows themselves (the code-search
+``PairDataset``); dict items may carry ``item["row"]``; otherwise the batch's ``pair_id`` is mapped back to
+rows (ids must be those given to ``setup``).
+
+Staleness and worker processes: the collate runs in the dataloader workers, which hold a *copy* of the
+sampler made when they start. Lightning starts them at each epoch (after ``on_train_epoch_start``, where
+the refresh callback mines) unless ``persistent_workers=True``: with persistent workers refreshed
+negatives would never reach them (the refresh callback raises). A refresh every N *steps* reaches the
+workers at the next epoch only (``num_workers=0`` uses it from the next batch but one: Lightning
+prefetches one batch).
+
+Distributed training: :class:`SamplerBatchSampler` shards the batches over ranks itself (every rank
+gets a full local batch; consecutive batches go to consecutive ranks, so NGAME's global batch stays
+cluster-coherent), so run with ``Trainer(use_distributed_sampler=False)``. The model gathers extra
+negatives with gradient, which needs the same count on every rank: :class:`NegativeCollate` then
+(``fixed_size``, on by default under ``torch.distributed``) always emits ``batch_size * num_negatives``
+of them, topping up with random rows.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Sampler
+
+from contrastive.samplers.base import NegativeSampler
+from contrastive.samplers.table import _splitmix64, hashed_randint
+
+
+def _is_distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class NegativeCollate:
+    """Wrap a collate function and append the sampler's extra negatives to every batch.
+
+    Added keys (``K`` = number of distinct extra negatives of the batch, possibly 0):
+
+    - ``neg_ids`` ``(K, Ld)`` long and ``neg_mask`` ``(K, Ld)`` token tensors (from ``encode_docs``);
+    - ``neg_pair_id`` ``(K,)`` long corpus ids and ``neg_dup_group`` ``(K,)`` long duplicate groups, with
+      which the model masks a negative that is (a duplicate of) some anchor's positive;
+    - ``neg_row`` ``(K,)`` long training rows (for debugging and reports).
+
+    ``-1`` padding from the sampler is dropped. With ``dedup`` a negative that is already an in-batch
+    document (its row is in the batch) or repeated across anchors appears once.
+
+    Args:
+        base_collate: the datamodule's collate (list of items → batch dict with ``pair_id``).
+        sampler: a set-up :class:`NegativeSampler`.
+        corpus_docs: the ``N`` training documents, by row.
+        corpus_ids: ``(N,)`` corpus id (``pair_id``) of every row.
+        corpus_groups: ``(N,)`` duplicate group of every row (``None``: the ids).
+        encode_docs: texts → ``(ids (K, L), mask (K, L))`` (e.g. ``tokenizer.encode_batch(texts, max_len)``).
+        dedup: drop negatives already in the batch and repeats.
+        fixed_size: always ``B * num_negatives`` negatives (random top-up; needed under DDP).
+            ``None`` = on iff ``torch.distributed`` is initialised with more than one process.
+        row_key: the item key holding the row position.
+        seed: seed of the top-up draws.
+    """
+
+    def __init__(
+        self,
+        base_collate: Callable[[list[Any]], dict[str, Tensor]],
+        sampler: NegativeSampler,
+        corpus_docs: Sequence[str],
+        corpus_ids: Tensor,
+        corpus_groups: Optional[Tensor],
+        encode_docs: Callable[[list[str]], tuple[Tensor, Tensor]],
+        dedup: bool = True,
+        fixed_size: Optional[bool] = None,
+        row_key: str = "row",
+        seed: int = 0,
+    ) -> None:
+        self.base_collate, self.sampler, self.encode_docs = base_collate, sampler, encode_docs
+        self.corpus_docs = list(corpus_docs)
+        self.corpus_ids = torch.as_tensor(corpus_ids).long().view(-1)
+        n = len(self.corpus_docs)
+        if n == 0:
+            raise ValueError("NegativeCollate: corpus_docs is empty")
+        if self.corpus_ids.shape[0] != n:
+            raise ValueError(f"NegativeCollate: corpus_ids has {self.corpus_ids.shape[0]} entries for {n} documents")
+        self.corpus_groups = self.corpus_ids.clone() if corpus_groups is None else torch.as_tensor(corpus_groups).long().view(-1)
+        if self.corpus_groups.shape[0] != n:
+            raise ValueError(f"NegativeCollate: corpus_groups has {self.corpus_groups.shape[0]} entries for {n} documents")
+        self._sorted_ids, self._sorted_rows = torch.sort(self.corpus_ids)
+        self.dedup = bool(dedup)
+        self.fixed_size = _is_distributed() if fixed_size is None else bool(fixed_size)
+        self.row_key, self.seed = row_key, int(seed)
+
+    def rows_of(self, items: Sequence[Any], batch: dict[str, Tensor]) -> Tensor:
+        """``(B,)`` training rows of a batch: ``item[row_key]`` if items carry it, else via ``pair_id``."""
+        if items and isinstance(items[0], dict) and self.row_key in items[0]:
+            return torch.as_tensor([int(it[self.row_key]) for it in items], dtype=torch.long)
+        if items and all(isinstance(it, (int, np.integer)) for it in items):  # items are the rows themselves
+            return torch.as_tensor([int(it) for it in items], dtype=torch.long)
+        if "pair_id" not in batch:
+            raise KeyError(f"NegativeCollate: items carry no {self.row_key!r} and the batch has no 'pair_id'")
+        ids = torch.as_tensor(batch["pair_id"]).long().view(-1)
+        pos = torch.searchsorted(self._sorted_ids, ids).clamp(max=len(self._sorted_ids) - 1)
+        found = self._sorted_ids[pos] == ids
+        if not bool(found.all()):
+            bad = ids[~found][:5].tolist()
+            raise KeyError(f"NegativeCollate: pair ids {bad} are not in the training corpus given to the collate")
+        return self._sorted_rows[pos]
+
+    def negative_rows(self, rows: Tensor) -> Tensor:
+        """The ``(K,)`` rows of the extra negatives of a batch whose anchors are ``rows`` ``(B,)``."""
+        neg = self.sampler.sample(rows)
+        want = rows.shape[0] * int(getattr(self.sampler, "num_negatives", neg.shape[1]))
+        flat = neg.reshape(-1)
+        flat = flat[flat >= 0]
+        if self.dedup and flat.numel():
+            flat = flat[~torch.isin(flat, rows)]
+            uniq, first = np.unique(flat.numpy(), return_index=True)
+            flat = flat[torch.from_numpy(np.sort(first))]  # first occurrence, original order
+        if self.fixed_size and flat.numel() != want:
+            flat = self._fix_size(rows, flat, want)
+        return flat
+
+    def _fix_size(self, rows: Tensor, flat: Tensor, want: int) -> Tensor:
+        if flat.numel() > want:
+            return flat[:want]
+        n = len(self.corpus_docs)
+        h = int(_splitmix64(np.asarray(int(rows.sum()) * 1_000_003 + rows.numel(), dtype=np.uint64)))
+        taken = set(rows.tolist()) | set(flat.tolist())
+        extra: list[int] = []
+        for attempt in range(8):
+            draws = hashed_randint((self.seed, h, attempt), torch.arange(1), torch.arange(4 * want + 16), n).view(-1)
+            for r in draws.tolist():
+                if r not in taken:
+                    taken.add(r)
+                    extra.append(r)
+                    if flat.numel() + len(extra) == want:
+                        return torch.cat([flat, torch.tensor(extra, dtype=torch.long)])
+        out = torch.cat([flat, torch.tensor(extra, dtype=torch.long)])
+        if out.numel() == 0:
+            raise ValueError(f"NegativeCollate(fixed_size=True): no document outside the batch can serve as a negative "
+                             f"({n} training documents, batch of {rows.numel()}); lower num_negatives or the batch size")
+        reps = -(-want // out.numel())
+        return out.repeat(reps)[:want]  # a tiny corpus: repeat negatives rather than change K across ranks
+
+    def __call__(self, items: list[Any]) -> dict[str, Tensor]:
+        batch = self.base_collate(items)
+        rows = self.rows_of(items, batch)
+        neg = self.negative_rows(rows)
+        if neg.numel():
+            ids, mask = self.encode_docs([self.corpus_docs[i] for i in neg.tolist()])
+            ids, mask = torch.as_tensor(ids), torch.as_tensor(mask)
+        else:
+            width = int(batch["doc_ids"].shape[1]) if "doc_ids" in batch else 1
+            ids = torch.zeros((0, width), dtype=torch.long)
+            mask = torch.zeros((0, width), dtype=batch["doc_mask"].dtype if "doc_mask" in batch else torch.bool)
+        batch["neg_ids"], batch["neg_mask"] = ids, mask
+        batch["neg_pair_id"] = self.corpus_ids[neg]
+        batch["neg_dup_group"] = self.corpus_groups[neg]
+        batch["neg_row"] = neg
+        return batch
+
+
+class TokenizerEncoder:
+    """``encode_docs`` for :class:`NegativeCollate`: ``texts -> tokenizer.encode_batch(texts, max_length)``
+    as an ``(ids, mask)`` pair (a class, not a lambda, so that it pickles into worker processes)."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, int(max_length)
+
+    def __call__(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        ids, mask = self.tokenizer.encode_batch(list(texts), self.max_length)
+        return torch.as_tensor(ids), torch.as_tensor(mask)
+
+
+def shapes_batches(sampler: Optional[NegativeSampler]) -> bool:
+    """Whether ``sampler`` orders the batches itself (overrides ``batch_order``, e.g. NGAME)."""
+    return sampler is not None and type(sampler).batch_order is not NegativeSampler.batch_order
+
+
+class _EpochRows(Sampler[int]):
+    """The rows of a :class:`SamplerBatchSampler`'s batches, flattened; Lightning calls ``set_epoch`` on
+    ``batch_sampler.sampler`` at every epoch, which this forwards to the batch sampler."""
+
+    def __init__(self, owner: "SamplerBatchSampler") -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        for b in self.owner:
+            yield from b
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.owner.local_batches())
+
+
+class SamplerBatchSampler(Sampler[list[int]]):
+    """Batches of training rows: ``sampler.batch_order(epoch, ...)`` when it returns batches (NGAME),
+    otherwise a seeded shuffle cut into ``batch_size`` pieces.
+
+    The epoch's generator is seeded from ``(seed, epoch)``, so an epoch's batches are reproducible and
+    differ between epochs. ``set_epoch`` (called by Lightning through :attr:`sampler`) also forwards the
+    epoch to the negative sampler (per-epoch random negatives).
+
+    Args:
+        sampler: the negative sampler (``None``: plain shuffling).
+        n: number of training rows.
+        batch_size: rows per (local) batch.
+        seed: the seed.
+        drop_last: drop the epoch's last batch when it is smaller than ``batch_size``.
+        num_replicas, rank: shard the batches over processes (batch ``i`` goes to rank ``i % num_replicas``;
+            the count is truncated to a multiple of ``num_replicas``). ``None`` = from ``torch.distributed``
+            when initialised, else a single process.
+    """
+
+    def __init__(self, sampler: Optional[NegativeSampler], n: int, batch_size: int, seed: int = 0,
+                 drop_last: bool = False, num_replicas: Optional[int] = None, rank: Optional[int] = None) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"SamplerBatchSampler: n must be a positive integer (the training set is empty?); got {n!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"SamplerBatchSampler: batch_size must be a positive integer; got {batch_size!r}")
+        if num_replicas is None or rank is None:
+            if _is_distributed():
+                import torch.distributed as dist
+
+                num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
+                rank = dist.get_rank() if rank is None else rank
+            else:
+                num_replicas, rank = num_replicas or 1, rank or 0
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"SamplerBatchSampler: rank must be in [0, num_replicas={num_replicas}); got {rank}")
+        self.negative_sampler, self.n, self.batch_size = sampler, n, batch_size
+        self.seed, self.drop_last = int(seed), bool(drop_last)
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.epoch = 0
+        self.sampler = _EpochRows(self)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if self.negative_sampler is not None and callable(getattr(self.negative_sampler, "set_epoch", None)):
+            self.negative_sampler.set_epoch(self.epoch)
+
+    def generator(self, epoch: int) -> torch.Generator:
+        s = int(_splitmix64(np.asarray(self.seed, dtype=np.uint64) ^ _splitmix64(np.asarray(epoch, dtype=np.uint64))))
+        return torch.Generator().manual_seed(s & ((1 << 63) - 1))
+
+    def global_batches(self, epoch: Optional[int] = None) -> list[list[int]]:
+        """All batches of ``epoch`` (every rank's), before sharding."""
+        epoch = self.epoch if epoch is None else epoch
+        g = self.generator(epoch)
+        order = None
+        if self.negative_sampler is not None:
+            order = self.negative_sampler.batch_order(epoch, self.batch_size, g)
+        if order is None:
+            perm = torch.randperm(self.n, generator=g).tolist()
+            order = [perm[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+        else:
+            order = [list(map(int, b)) for b in order if len(b)]
+            flat = np.fromiter((i for b in order for i in b), dtype=np.int64)
+            if flat.size and (flat.min() < 0 or flat.max() >= self.n or np.unique(flat).size != flat.size):
+                raise ValueError(f"{type(self.negative_sampler).__name__}.batch_order returned rows outside [0, {self.n}) "
+                                 "or repeated rows; batches must be disjoint sets of training rows")
+        if self.drop_last and order and len(order[-1]) < self.batch_size:
+            order = order[:-1]
+        return order
+
+    def local_batches(self, epoch: Optional[int] = None) -> list[list[int]]:
+        """This rank's batches of ``epoch``."""
+        order = self.global_batches(epoch)
+        usable = len(order) - len(order) % self.num_replicas
+        return order[self.rank:usable:self.num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.local_batches()
+
+    def __len__(self) -> int:
+        return len(self.local_batches())
