@@ -31,6 +31,10 @@ def validate(cfg: DictConfig, prov: Provenance) -> dict:
         data = to_container(cfg)
     except Exception as e:  # interpolation errors
         raise ConfigError(f"config: cannot resolve interpolations: {e}") from None
+    missing = _find_missing(data)
+    if missing:
+        raise ConfigError(f"key '{missing}' (from {prov.of(missing)}) has no value (???); set it on the command "
+                          f"line, e.g. {missing}=...")
     for key in data:
         if key not in TOP_LEVEL:
             raise ConfigError(_unknown(key, prov, TOP_LEVEL))
@@ -55,6 +59,21 @@ def validate(cfg: DictConfig, prov: Provenance) -> dict:
         else:
             check_type(value, kind, key, prov)
     return data
+
+
+def _find_missing(node: Any, prefix: str = "") -> str | None:
+    """The first dotted key whose value is OmegaConf's mandatory-missing marker ``???``."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return prefix if node == "???" else None
+    for k, v in items:
+        found = _find_missing(v, f"{prefix}.{k}" if prefix else str(k))
+        if found:
+            return found
+    return None
 
 
 def _unknown(key: str, prov: Provenance, valid: typing.Iterable[str]) -> str:

@@ -1,0 +1,259 @@
+"""Hard-negative mining cost on CPU: exact chunked top-k vs the machine's matmul rate, and FAISS ANN.
+
+For each ``N``: ``N`` random unit vectors of size ``d`` (float32) are both the queries and the database,
+as in offline mining (every training document is a query against the whole corpus), and we time:
+
+- **exact** (:func:`contrastive.index.exact_topk`): blocks of ``query_chunk x chunk`` scores from
+  ``torch.mm`` into one reused buffer, top-k by the threshold filter + running merge. Achieved rate =
+  ``2 * Q * N * d / time``, next to the **matmul rate** of this machine measured in the same run: a
+  ``torch.mm`` of the same block shape ``(query_chunk, d) @ (d, chunk)``, best of ``--repeats``.
+  ``vs mm`` = achieved / matmul rate (1.0 = top-k selection for free).
+- **faiss-flat** (optional, ``--faiss-flat``): FAISS' exact ``IndexFlatIP`` (BLAS + C++ heaps), for
+  reference.
+- **ivf-flat** and **hnsw** (FAISS): build time, search time of the same queries, recall@k against the
+  exact result, and speed-up of the search over exact.
+
+Peak memory: a sampling thread reads the resident set (``/proc/self/statm``) every 2 ms during each
+call; ``peak RSS Δ`` is the peak minus the RSS just before the call. For the exact method it should stay
+near the score buffer (``query_chunk x chunk x 4`` bytes plus the ``(Q, k)`` outputs), whatever ``N`` is,
+whereas the full ``Q x N`` score matrix is printed next to it.
+
+Threads: ``torch.set_num_threads(--threads)`` (default: all cores) and ``OMP_WAIT_POLICY=PASSIVE``
+unless set otherwise (spinning OpenMP threads collapse throughput on a shared CPU; see the comment at
+the import).
+
+Large ``N``: ``N = 1M`` all-pairs is ``2 * 1e12 * 256 = 5e14`` flop (about an hour on 2 cores), so
+``--queries Q`` times ``Q`` queries against the full ``N``-row database and extrapolates the all-pairs
+time (``x N / Q``; printed as such). By default ``Q = N`` up to 100k and ``Q = 8192`` above.
+
+Usage::
+
+    python benchmarks/mining.py --quick                    # smoke test, N = 20k
+    python benchmarks/mining.py                            # N = 100k, all pairs
+    python benchmarks/mining.py --n 100000 1000000 --queries 8192
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+# OpenMP threads that spin while waiting for each other are ruinous on a shared or oversubscribed CPU:
+# the selection is many short parallel ops, and on a 2-core machine running other jobs, the default
+# (spinning) policy made the exact search 5x slower than PASSIVE in our runs. Must be set before torch
+# loads its OpenMP runtime; an explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from contrastive.index import FaissIndex, exact_topk, import_faiss  # noqa: E402
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class PeakRSS:
+    """Context manager: peak resident-set increase (bytes) while the block runs, sampled every 2 ms."""
+
+    def __init__(self, period: float = 0.002) -> None:
+        self.period = period
+        self.delta = 0
+
+    def __enter__(self) -> "PeakRSS":
+        self.base = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.period)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+        self.delta = self.peak - self.base
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float, int]:
+    """``(result, seconds, peak RSS increase in bytes)`` of one call."""
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - t0
+    return out, seconds, mem.delta
+
+
+def matmul_rate(rows: int, cols: int, d: int, repeats: int) -> float:
+    """GFLOP/s of ``torch.mm`` for one ``(rows, d) @ (d, cols)`` block into a preallocated output, best of ``repeats``."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(rows, d, generator=g), torch.randn(cols, d, generator=g)
+    out = torch.empty(rows, cols)
+    torch.mm(a, b.T, out=out)  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b.T, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * rows * cols * d / best / 1e9
+
+
+def recall_at_k(ids: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean fraction of the exact top-k ids that the approximate top-k contains."""
+    k = ref.shape[1]
+    hits = 0
+    for s in range(0, ref.shape[0], 4096):  # sort-based set intersection, chunked
+        a, r = ids[s : s + 4096], ref[s : s + 4096]
+        both = torch.sort(torch.cat([a, r], 1), dim=1).values
+        hits += int(((both[:, 1:] == both[:, :-1]) & (both[:, 1:] >= 0)).sum())
+    return hits / (ref.shape[0] * k)
+
+
+def progress(row: "Row") -> None:
+    """One line per finished measurement (the table comes at the end)."""
+    extra = f", {row.gflops:.1f} GFLOP/s" if row.gflops else ""
+    extra += f", recall@k {row.recall:.3f}" if row.recall is not None else ""
+    print(f"  [N={row.n:,}] {row.method}: {row.seconds:,.1f} s all-pairs{extra}", flush=True)
+
+
+@dataclass
+class Row:
+    n: int
+    queries: int
+    method: str
+    seconds: float  # all-pairs (extrapolated when queries < n)
+    gflops: Optional[float] = None
+    vs_mm: Optional[float] = None
+    recall: Optional[float] = None
+    speedup: Optional[float] = None
+    build_s: Optional[float] = None
+    peak_mb: Optional[float] = None
+    notes: list[str] = field(default_factory=list)
+
+
+def fmt(x: Optional[float], spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def run_n(n: int, args: argparse.Namespace, mm_gflops: float) -> list[Row]:
+    d, k = args.dim, args.k
+    nq = args.queries if args.queries else (n if n <= 100_000 else 8192)
+    nq = min(nq, n)
+    scale = n / nq  # all-pairs time = measured time x scale
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(n, d, generator=g)
+    if args.data == "clustered":  # sqrt(N) Gaussian clusters: the structure real embeddings have
+        centres = torch.randn(int(math.sqrt(n)), d, generator=g)
+        x = centres[torch.randint(0, centres.shape[0], (n,), generator=g)] + 0.7 * x
+    x /= torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    q = x[torch.randperm(n, generator=g)[:nq]] if nq < n else x
+    rows: list[Row] = []
+    subset = f"timed on {nq:,} of {n:,} queries, all-pairs time extrapolated x{scale:.1f}" if nq < n else ""
+
+    exact_topk(q[:256], x[: max(k, 4096)], k, args.chunk_size, args.query_chunk_size)  # warm-up
+    (ref_v, ref_i), t_exact, mem = timed(lambda: exact_topk(q, x, k, args.chunk_size, args.query_chunk_size))
+    flops = 2 * nq * n * d
+    rows.append(Row(n, nq, "exact (torch)", t_exact * scale, flops / t_exact / 1e9, flops / t_exact / 1e9 / mm_gflops,
+                    1.0, 1.0, None, mem / 2**20, [subset] if subset else []))
+    progress(rows[-1])
+    faiss = import_faiss()
+    faiss.omp_set_num_threads(args.threads)
+
+    if args.faiss_flat:
+        flat = FaissIndex(d, "ip", kind="flat", use_gpu=False)
+        flat.add(x)
+        (_, fi), t, mem = timed(lambda: flat.search(q, k))
+        rows.append(Row(n, nq, "faiss flat (exact)", t * scale, flops / t / 1e9, flops / t / 1e9 / mm_gflops,
+                        recall_at_k(fi, ref_i), t_exact / t, None, mem / 2**20))
+        progress(rows[-1])
+        del flat
+
+    nlist = args.nlist or max(64, int(4 * math.sqrt(n)))
+    nprobe = args.nprobe or max(1, nlist // 8)
+    specs = [
+        ("ivf-flat", dict(kind="ivf_flat", nlist=nlist, nprobe=nprobe), f"nlist={nlist}, nprobe={nprobe}"),
+        ("hnsw", dict(kind="hnsw", hnsw_m=args.hnsw_m, ef_search=args.ef_search, ef_construction=args.ef_construction),
+         f"M={args.hnsw_m}, efC={args.ef_construction}, efS={args.ef_search}"),
+    ]
+    for name, kwargs, desc in specs:
+        index = FaissIndex(d, "ip", use_gpu=False, **kwargs)
+        t0 = time.perf_counter()
+        index.add(x)
+        build = time.perf_counter() - t0
+        (_, ids), t, mem = timed(lambda: index.search(q, k))
+        rows.append(Row(n, nq, f"{name} ({desc})", t * scale, None, None, recall_at_k(ids, ref_i), t_exact / t, build,
+                        mem / 2**20))
+        progress(rows[-1])
+        del index
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, nargs="+", default=[100_000], help="corpus sizes (queries = database)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--chunk-size", type=int, default=16384, help="database rows per score block")
+    p.add_argument("--query-chunk-size", type=int, default=1024, help="query rows per score block")
+    p.add_argument("--queries", type=int, default=0, help="time this many queries and extrapolate (0: auto)")
+    p.add_argument("--faiss-flat", action=argparse.BooleanOptionalAction, default=True, help="also time FAISS IndexFlatIP")
+    p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: 4 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=0, help="IVF lists probed (0: nlist / 8)")
+    p.add_argument("--hnsw-m", type=int, default=16)
+    p.add_argument("--ef-construction", type=int, default=80)
+    p.add_argument("--ef-search", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5, help="repeats of the reference matmul (best is kept)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", choices=("uniform", "clustered"), default="uniform",
+                   help="uniform: random unit vectors (worst case for ANN); clustered: sqrt(N) Gaussian clusters")
+    p.add_argument("--quick", action="store_true", help="smoke test: N = 20k, 2048 queries timed")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n = [20_000]
+        args.queries = args.queries or 2048
+        args.chunk_size, args.query_chunk_size = 4096, 1024
+    torch.set_num_threads(args.threads)
+
+    mm = matmul_rate(args.query_chunk_size, args.chunk_size, args.dim, args.repeats)
+    buffer_mb = args.query_chunk_size * args.chunk_size * 4 / 2**20
+    print(f"# Mining benchmark: d={args.dim}, k={args.k}, data={args.data}, threads={args.threads}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, torch {torch.__version__}")
+    print(f"# score block {args.query_chunk_size} x {args.chunk_size} ({buffer_mb:.0f} MB); "
+          f"torch.mm of that block shape: {mm:.1f} GFLOP/s (best of {args.repeats})\n")
+    all_rows: list[Row] = []
+    for n in args.n:
+        rows = run_n(n, args, mm)
+        all_rows.extend(rows)
+        full_gb = n * n * 4 / 2**30
+        print(f"N = {n:,}: the full {n:,} x {n:,} fp32 score matrix would be {full_gb:,.1f} GB; score buffer {buffer_mb:.0f} MB")
+        for note in rows[0].notes:
+            print(f"  note: {note}")
+    print()
+    print(
+        "| N | queries timed | method | all-pairs time (s) | GFLOP/s | vs mm | recall@k "
+        "| search speed-up vs exact (x) | build (s) | peak RSS Δ (MB) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in all_rows:
+        print(f"| {r.n:,} | {r.queries:,} | {r.method} | {r.seconds:,.1f} | {fmt(r.gflops, '.1f')} | {fmt(r.vs_mm, '.2f')} | "
+              f"{fmt(r.recall, '.3f')} | {fmt(r.speedup, '.1f')} | {fmt(r.build_s, '.1f')} | {fmt(r.peak_mb, ',.0f')} |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
