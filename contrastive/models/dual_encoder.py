@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
@@ -15,6 +16,9 @@ from torch import Tensor, nn
 
 from contrastive.distributed import gather_no_grad, gather_with_grad
 from contrastive.losses.base import ContrastiveInputs, ContrastiveLoss
+from contrastive.models.gradcache import (chunk_slices, chunked_loss_grads, encode_without_grad, loss_chunk_rows,
+                                          needs_reverse, replay_backward)
+from contrastive.models.queue import MemoryQueue
 from contrastive.registry import MODELS
 
 
@@ -59,6 +63,49 @@ class DualEncoderModule(L.LightningModule):
         mask_known_duplicates: remove candidates in the anchor's duplicate group from the denominator.
         eval_chunk_size: memory bound of the exact ranking at validation/test.
         csn_distractors: number of distractors of the CodeSearchNet-style MRR.
+        queue_size: capacity of a MoCo-style memory queue of past document embeddings (He et al. 2020,
+            arXiv 1911.05722) appended to the candidates of every training step; ``0`` = no queue. See
+            "Memory queue" below.
+        momentum: ``None`` = no momentum encoder. Otherwise ``m`` in ``[0, 1]``: an EMA copy of the
+            (shared) tower, ``θ_k ← m θ_k + (1 - m) θ``, updated after every optimiser step, encodes the
+            documents (MoCo's keys) **without gradient**: in-batch documents, extra negatives and the
+            entries enqueued. Needs a shared tower (``doc_encoder=None``, ``shared_projection=True``), as in
+            MoCo where the key encoder is an EMA of the query encoder: a separate document tower would get
+            no gradient. Typical values 0.99-0.999.
+        cache_chunk_size: ``None`` = off. Otherwise gradient caching (GradCache, Gao et al. 2021, arXiv
+            2101.06983) with encoder chunks of this many rows: the gradient equals the full-batch one while
+            encoder activations are only ever held for one chunk. See "Cached large batches" below.
+        cache_chunked_loss: with ``cache_chunk_size``, also compute the loss and its embedding gradient in
+            blocks of anchor rows, ``rows = max(1, cache_chunk_size² // M)`` for ``M`` candidates, so that
+            no ``(rows, M)`` block is larger than one encoder chunk's ``chunk × chunk`` similarity matrix
+            and the loss memory does not grow with ``B²`` (exact for losses that are means of per-anchor
+            terms, i.e. every built-in loss; see :mod:`contrastive.models.gradcache`). ``False``: one full
+            ``(B, M)`` loss.
+
+    Memory queue: the queue holds detached document embeddings with their ``pair_id`` and ``dup_group``
+    (:class:`~contrastive.models.queue.MemoryQueue`). Queued entries are appended after the in-batch and
+    extra candidates of the query→document direction (the reverse direction of symmetric losses does not
+    use the queue). They are never positives: an entry with the anchor's own ``pair_id`` is a stale copy of
+    its positive and is masked as a false negative (removed from the denominator) whatever
+    ``mask_known_duplicates`` says; entries of the anchor's duplicate group are masked when
+    ``mask_known_duplicates``. After each training step the step's in-batch documents are enqueued: under
+    DDP the gathered documents of all ranks, so every rank holds the same queue. The queue lives in buffers
+    and is saved in checkpoints (the documents come from the momentum tower when ``momentum`` is set,
+    otherwise from the trained tower, detached).
+
+    Cached large batches: with ``cache_chunk_size`` the :meth:`training_step` runs :meth:`gradcache_step`:
+    (1) encode queries/documents/negatives in chunks without a graph, recording each chunk's RNG state
+    (CPU + CUDA) so that dropout is replayed identically; (2) compute the loss exactly as
+    :meth:`contrastive_step` (gathered, masked, queue) on detached embeddings and its gradient w.r.t. them;
+    (3) re-encode each chunk with a graph and differentiate ``sum(emb_chunk * grad_chunk)``. Lightning's
+    automatic optimisation runs ``training_step`` *before* ``zero_grad`` and ``backward``
+    (``lightning/pytorch/loops/optimization/automatic.py``, ``Closure.closure``), so nothing is written to
+    ``param.grad`` inside ``training_step``: the chunks' parameter gradients are collected with
+    :func:`torch.autograd.grad` and folded into the returned surrogate ``S`` (value = the true loss,
+    gradient = the full-batch gradient). Lightning's single backward of ``S`` then applies its usual
+    ``1 / accumulate_grad_batches`` normalisation, AMP scaling and, under DDP, one gradient all-reduce (no
+    ``no_sync`` needed). Costs one extra encoder forward per step and a parameter-sized gradient buffer.
+    :meth:`contrastive_step` itself stays uncached (validation and tests use it).
     """
 
     def __init__(
@@ -76,6 +123,10 @@ class DualEncoderModule(L.LightningModule):
         mask_known_duplicates: bool = True,
         eval_chunk_size: int = 4096,
         csn_distractors: int = 999,
+        queue_size: int = 0,
+        momentum: Optional[float] = None,
+        cache_chunk_size: Optional[int] = None,
+        cache_chunked_loss: bool = True,
     ) -> None:
         super().__init__()
         self.query_tower = Tower(query_encoder, projection_dim, normalize)
@@ -89,6 +140,28 @@ class DualEncoderModule(L.LightningModule):
         self.eval_chunk_size, self.csn_distractors = eval_chunk_size, csn_distractors
         self._eval_outputs: list[dict[str, Tensor]] = []
         self.last_metrics: dict[str, float] = {}
+        if int(queue_size) < 0:
+            raise ValueError(f"queue_size must be >= 0 (0 = no queue); got {queue_size}")
+        if cache_chunk_size is not None and int(cache_chunk_size) <= 0:
+            raise ValueError(f"cache_chunk_size must be a positive integer or None; got {cache_chunk_size}")
+        self.cache_chunk_size = None if cache_chunk_size is None else int(cache_chunk_size)
+        self.cache_chunked_loss = cache_chunked_loss
+        dim = int(projection_dim) if projection_dim else int(getattr(query_encoder, "output_dim"))
+        self.queue: Optional[MemoryQueue] = MemoryQueue(int(queue_size), dim) if queue_size else None
+        self.momentum: Optional[float] = None if momentum is None else float(momentum)
+        self.momentum_tower: Optional[Tower] = None
+        if self.momentum is not None:
+            if not 0.0 <= self.momentum <= 1.0:
+                raise ValueError(f"momentum must be in [0, 1] (or None for no momentum encoder); got {momentum}")
+            if self.doc_tower is not self.query_tower:
+                raise ValueError(
+                    "momentum needs one shared tower (doc_encoder=None, shared_projection=True): the momentum "
+                    "encoder is an EMA of the query tower (MoCo) and encodes all documents without gradient, so "
+                    "a separate document tower would never be trained"
+                )
+            self.momentum_tower = copy.deepcopy(self.doc_tower)
+            for p in self.momentum_tower.parameters():
+                p.requires_grad_(False)
 
     # ------------------------------------------------------------------ encoding
     def encode_queries(self, ids: Tensor, mask: Tensor) -> Tensor:
@@ -97,41 +170,143 @@ class DualEncoderModule(L.LightningModule):
     def encode_documents(self, ids: Tensor, mask: Tensor) -> Tensor:
         return self.doc_tower(ids, mask)
 
+    def encode_keys(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Training-time document candidates ``(B, L)`` → ``(B, D)``: the momentum tower without gradient
+        when ``momentum`` is set, else :meth:`encode_documents`."""
+        if self.momentum_tower is None:
+            return self.encode_documents(ids, mask)
+        with torch.no_grad():
+            return self.momentum_tower(ids, mask).detach()
+
+    @torch.no_grad()
+    def update_momentum_encoder(self) -> None:
+        """``θ_k ← m θ_k + (1 - m) θ`` for the momentum tower (buffers are copied). No-op without momentum."""
+        if self.momentum_tower is None or self.momentum is None:
+            return
+        m = self.momentum
+        for pk, p in zip(self.momentum_tower.parameters(), self.doc_tower.parameters()):
+            pk.mul_(m).add_(p.detach().to(pk.dtype), alpha=1.0 - m)
+        for bk, b in zip(self.momentum_tower.buffers(), self.doc_tower.buffers()):
+            bk.copy_(b)
+
     # ------------------------------------------------------------------ training
-    def contrastive_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        q = self.encode_queries(batch["query_ids"], batch["query_mask"])
-        d = self.encode_documents(batch["doc_ids"], batch["doc_mask"])
+    def _problem(self, q: Tensor, d: Tensor, n: Optional[Tensor], batch: dict[str, Tensor]) -> "_Problem":
+        """Gather candidates across ranks (with gradient), append extra negatives and the queue, and
+        return the lazily masked loss problem. ``q``/``d`` (B, D) and ``n`` (K, D) are local."""
         ids = batch["pair_id"]
         groups = batch.get("dup_group", ids)
         d_all, ids_all, groups_all = gather_with_grad(d), gather_no_grad(ids), gather_no_grad(groups)
-        cand, cand_ids, cand_groups = d_all, ids_all, groups_all
-        if "neg_ids" in batch and batch["neg_ids"].shape[0] > 0:
-            n = self.encode_documents(batch["neg_ids"], batch["neg_mask"])
+        cand, cand_ids, cand_groups = [d_all], [ids_all], [groups_all]
+        if n is not None:
             neg_ids = batch["neg_pair_id"]
             neg_groups = batch.get("neg_dup_group", neg_ids)
-            cand = torch.cat([cand, gather_with_grad(n)])
-            cand_ids = torch.cat([cand_ids, gather_no_grad(neg_ids)])
-            cand_groups = torch.cat([cand_groups, gather_no_grad(neg_groups)])
-        pos = ids[:, None] == cand_ids[None, :]
-        fn = ((groups[:, None] == cand_groups[None, :]) & ~pos) if self.mask_known_duplicates else None
-        reverse = None
-        if self.loss_fn.symmetric:
-            q_all = gather_with_grad(q)
-            m = d_all.shape[0]
-            reverse = ContrastiveInputs(d, q_all, pos[:, :m], false_negative_mask=None if fn is None else fn[:, :m])
-        out = self.loss_fn(q, cand, pos, false_negative_mask=fn, reverse=reverse)
+            cand.append(gather_with_grad(n))
+            cand_ids.append(gather_no_grad(neg_ids))
+            cand_groups.append(gather_no_grad(neg_groups))
+        n_queue = 0
+        if self.queue is not None and len(self.queue):
+            qe, qi, qg = self.queue.contents()
+            cand.append(qe.to(device=d_all.device, dtype=d_all.dtype))
+            cand_ids.append(qi.to(ids_all.device))
+            cand_groups.append(qg.to(groups_all.device))
+            n_queue = qe.shape[0]
+        one = lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs)  # noqa: E731
+        q_all = gather_with_grad(q) if needs_reverse(self.loss_fn) else None
+        return _Problem(q=q, cand=one(cand), d=d, q_all=q_all, ids=ids, groups=groups, cand_ids=one(cand_ids),
+                        cand_groups=one(cand_groups), n_batch=d_all.shape[0], n_queue=n_queue,
+                        mask_known_duplicates=self.mask_known_duplicates, keys=d_all.detach(), key_ids=ids_all,
+                        key_groups=groups_all)
+
+    def _enqueue(self, problem: "_Problem") -> None:
+        if self.queue is not None:
+            self.queue.enqueue(problem.keys, problem.key_ids, problem.key_groups)
+
+    def _has_negs(self, batch: dict[str, Tensor]) -> bool:
+        return "neg_ids" in batch and batch["neg_ids"].shape[0] > 0
+
+    def contrastive_step(self, batch: dict[str, Tensor],
+                         enqueue: Optional[bool] = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of one batch (uncached) and its logs.
+
+        Args:
+            batch: see the class docstring.
+            enqueue: push this step's (gathered) documents into the memory queue after computing the loss;
+                ``None`` = only in training mode. Ignored without a queue.
+        """
+        q = self.encode_queries(batch["query_ids"], batch["query_mask"])
+        d = self.encode_keys(batch["doc_ids"], batch["doc_mask"])
+        n = self.encode_keys(batch["neg_ids"], batch["neg_mask"]) if self._has_negs(batch) else None
+        problem = self._problem(q, d, n, batch)
+        inputs, reverse = problem.make_inputs(problem.tensors, slice(0, q.shape[0]))
+        out = self.loss_fn(inputs.anchors, inputs.candidates, inputs.positive_mask,
+                           false_negative_mask=inputs.false_negative_mask, reverse=reverse)
         logs = dict(out.logs)
-        if fn is not None:
-            logs["masked_duplicates"] = fn.sum(dim=1).float().mean()
+        logs.update(problem.mask_logs(None))
+        if enqueue if enqueue is not None else self.training:
+            self._enqueue(problem)
         return out.loss, logs
 
+    def gradcache_step(self, batch: dict[str, Tensor],
+                       enqueue: Optional[bool] = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """One cached step (GradCache, arXiv 2101.06983) with ``cache_chunk_size`` rows per encoder chunk.
+
+        Returns ``(surrogate, loss, logs)``: ``loss`` is the detached full-batch loss of
+        :meth:`contrastive_step` and ``surrogate`` a scalar with the same value whose gradient w.r.t. every
+        trainable parameter is the full-batch gradient (call ``surrogate.backward()``, or return it from
+        ``training_step``). No parameter's ``.grad`` is modified here.
+        """
+        cs = self.cache_chunk_size
+        b = batch["query_ids"].shape[0]
+        qc = encode_without_grad(self.encode_queries, (batch["query_ids"], batch["query_mask"]), cs)
+        doc_grad = self.momentum_tower is None
+        dc = encode_without_grad(self.encode_keys, (batch["doc_ids"], batch["doc_mask"]), cs)
+        nc = (encode_without_grad(self.encode_keys, (batch["neg_ids"], batch["neg_mask"]), cs)
+              if self._has_negs(batch) else None)
+        q_leaf = qc.embeddings.requires_grad_()
+        d_leaf = dc.embeddings.requires_grad_(doc_grad)
+        n_leaf = nc.embeddings.requires_grad_(doc_grad) if nc is not None else None
+        problem = self._problem(q_leaf, d_leaf, n_leaf, batch)
+        loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
+        rows = loss_chunk_rows(cs, problem.cand.shape[0]) if self.cache_chunked_loss else None
+        res = chunked_loss_grads(self.loss_fn, problem.tensors, problem.make_inputs, b, rows, loss_params)
+        # d loss / d (local embeddings): back through the gathers (one all-reduce each under DDP) and cats
+        outs = [(t, g) for t, g in zip(problem.tensors, res.grads) if g is not None and t.requires_grad]
+        leaves = [x for x in (q_leaf, d_leaf, n_leaf) if x is not None and x.requires_grad]
+        leaf_grads = torch.autograd.grad([t for t, _ in outs], leaves, [g for _, g in outs], allow_unused=True)
+        by_leaf = {id(x): g for x, g in zip(leaves, leaf_grads)}
+        loss_ids = {id(p) for p in loss_params}
+        enc_params = [p for p in self.parameters() if p.requires_grad and id(p) not in loss_ids]
+        parts = [(qc, by_leaf.get(id(q_leaf))), (dc, by_leaf.get(id(d_leaf)))]
+        if nc is not None:
+            parts.append((nc, by_leaf.get(id(n_leaf))))
+        core = replay_backward(parts, enc_params)
+        for p, g in zip(loss_params, res.param_grads):
+            if g is not None:
+                term = (p * g).sum()
+                core = term if core is None else core + term
+        surrogate = res.loss.clone() if core is None else core - core.detach() + res.loss
+        logs = dict(res.logs)
+        logs.update(problem.mask_logs(rows))
+        if enqueue if enqueue is not None else self.training:
+            self._enqueue(problem)
+        return surrogate, res.loss, logs
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, logs = self.contrastive_step(batch)
+        if self.cache_chunk_size is not None:
+            out, loss, logs = self.gradcache_step(batch)
+        else:
+            loss, logs = self.contrastive_step(batch)
+            out = loss
         bs = batch["query_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for k, v in logs.items():
             self.log(f"train/{k}", v, prog_bar=k == "acc", batch_size=bs)
-        return loss
+        return out
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Lightning's optimiser step, then the momentum-encoder EMA update (when ``momentum`` is set)."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.update_momentum_encoder()
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict[str, Tensor]) -> None:
@@ -202,3 +377,72 @@ class DualEncoderModule(L.LightningModule):
         for p in c.parameters():
             p.requires_grad_(False)
         return c
+
+
+@dataclass
+class _Problem:
+    """The loss problem of one step, with masks built lazily per block of anchor rows.
+
+    ``q`` (B, D) local anchors; ``cand`` (M, D) = gathered documents (``n_batch`` rows), gathered extra
+    negatives, then ``n_queue`` queued entries; ``d`` (B, D) local documents and ``q_all`` (world·B, D)
+    gathered queries for the reverse direction (``None`` when the loss is one-way)."""
+
+    q: Tensor
+    cand: Tensor
+    d: Tensor
+    q_all: Optional[Tensor]
+    ids: Tensor
+    groups: Tensor
+    cand_ids: Tensor
+    cand_groups: Tensor
+    n_batch: int
+    n_queue: int
+    mask_known_duplicates: bool
+    keys: Tensor
+    key_ids: Tensor
+    key_groups: Tensor
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        return [self.q, self.cand] + ([self.d, self.q_all] if self.q_all is not None else [])
+
+    def masks(self, rows: slice) -> tuple[Tensor, Optional[Tensor]]:
+        """``(positive, false_negative)`` ``(|rows|, M)`` masks of anchor rows ``rows``."""
+        ids, groups = self.ids[rows], self.groups[rows]
+        m = self.cand_ids.shape[0] - self.n_queue
+        pos = ids[:, None] == self.cand_ids[None, :m]
+        fn = ((groups[:, None] == self.cand_groups[None, :m]) & ~pos) if self.mask_known_duplicates else None
+        if self.n_queue:
+            q_pos, q_fn = MemoryQueue.masks(ids, groups, self.cand_ids[m:], self.cand_groups[m:],
+                                            self.mask_known_duplicates)
+            pos = torch.cat([pos, q_pos], dim=1)
+            fn = torch.cat([fn if fn is not None else torch.zeros_like(pos[:, :m]), q_fn], dim=1)
+        return pos, fn
+
+    def make_inputs(self, leaves: Sequence[Tensor],
+                    rows: slice) -> tuple[ContrastiveInputs, Optional[ContrastiveInputs]]:
+        """Loss inputs of anchor rows ``rows`` built from ``leaves`` (laid out like :attr:`tensors`)."""
+        pos, fn = self.masks(rows)
+        inputs = ContrastiveInputs(leaves[0][rows], leaves[1], pos, false_negative_mask=fn)
+        if len(leaves) < 4:
+            return inputs, None
+        m = self.n_batch
+        reverse = ContrastiveInputs(leaves[2][rows], leaves[3], pos[:, :m],
+                                    false_negative_mask=None if fn is None else fn[:, :m])
+        return inputs, reverse
+
+    def mask_logs(self, chunk_size: Optional[int]) -> dict[str, Tensor]:
+        """``masked_duplicates``: mean masked candidates per anchor (duplicates and stale queue copies);
+        ``queue_size``: queued candidates used."""
+        b = self.ids.shape[0]
+        logs: dict[str, Tensor] = {}
+        if self.mask_known_duplicates or self.n_queue:
+            total = torch.zeros((), device=self.ids.device)
+            for rows in chunk_slices(b, chunk_size):
+                _, fn = self.masks(rows)
+                if fn is not None:
+                    total = total + fn.sum().float()
+            logs["masked_duplicates"] = total / b
+        if self.n_queue:
+            logs["queue_size"] = torch.tensor(float(self.n_queue), device=self.ids.device)
+        return logs
