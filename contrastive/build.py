@@ -2,7 +2,6 @@
 (a plain dict with a registered ``name`` and keyword arguments) into a plain object."""
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,7 +9,8 @@ import lightning as L
 from torch import nn
 
 from contrastive.config.validate import constructor_params
-from contrastive.registry import DATAMODULES, ENCODERS, FILTERS, LOSSES, MODELS, SAMPLERS, TRANSFORMS, Registry
+from contrastive.registry import (DATAMODULES, ENCODERS, ESTIMATORS, FILTERS, LOSSES, MODELS, SAMPLERS,
+                                  TRANSFORMS, Registry)
 
 
 def _kwargs(spec: dict | str) -> tuple[str, dict[str, Any]]:
@@ -68,6 +68,9 @@ def build_model(cfg: dict, vocab_size: Optional[int], loss: nn.Module, **objects
     enc = build_encoder(kwargs.pop("encoder"), vocab_size)
     doc_spec = kwargs.pop("doc_encoder", None)
     doc = build_encoder(doc_spec, vocab_size) if doc_spec else None
+    est_spec = kwargs.pop("similarity_estimator", None)
+    if est_spec:
+        kwargs["similarity_estimator"] = build_component(ESTIMATORS, est_spec)
     optim, ev = cfg.get("optim") or {}, cfg.get("eval") or {}
     filled = dict(lr=optim.get("lr"), weight_decay=optim.get("weight_decay"), warmup_steps=optim.get("warmup_steps"),
                   scheduler=optim.get("scheduler"), eval_chunk_size=ev.get("chunk_size"),
@@ -85,9 +88,9 @@ def build_model(cfg: dict, vocab_size: Optional[int], loss: nn.Module, **objects
 
 
 def trainer_kwargs(cfg: dict) -> dict[str, Any]:
-    from contrastive.config.schema import TrainerConfig
-
     import dataclasses
+
+    from contrastive.config.schema import TrainerConfig
 
     base = dataclasses.asdict(TrainerConfig())
     base.update(cfg.get("trainer") or {})

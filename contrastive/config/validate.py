@@ -16,13 +16,15 @@ from omegaconf import DictConfig
 from contrastive.config.errors import ConfigError
 from contrastive.config.loader import Provenance, to_container
 from contrastive.config.schema import BUILD_FILLED, REQUIRED_TOP_LEVEL, TOP_LEVEL
-from contrastive.registry import (DATAMODULES, ENCODERS, FILTERS, LOSSES, MODELS, SAMPLERS, TRANSFORMS,
-                                  Registry)
+from contrastive.registry import (DATAMODULES, ENCODERS, ESTIMATORS, FILTERS, LOSSES, MODELS, SAMPLERS,
+                                  TRANSFORMS, Registry)
 
-FAMILIES: dict[str, Registry] = {r.family: r for r in (DATAMODULES, ENCODERS, FILTERS, LOSSES, MODELS, SAMPLERS, TRANSFORMS)}
+FAMILIES: dict[str, Registry] = {r.family: r for r in (DATAMODULES, ENCODERS, ESTIMATORS, FILTERS, LOSSES, MODELS,
+                                                       SAMPLERS, TRANSFORMS)}
 
 #: component keys nested inside another component's section: section family → {key: family}
-NESTED: dict[str, dict[str, str]] = {"model": {"encoder": "encoder", "doc_encoder": "encoder"}}
+NESTED: dict[str, dict[str, str]] = {"model": {"encoder": "encoder", "doc_encoder": "encoder",
+                                               "similarity_estimator": "similarity estimator"}}
 
 
 def validate(cfg: DictConfig, prov: Provenance) -> dict:

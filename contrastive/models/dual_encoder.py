@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import lightning as L
 import torch
@@ -18,7 +18,10 @@ from contrastive.distributed import gather_no_grad, gather_with_grad
 from contrastive.losses.base import ContrastiveInputs, ContrastiveLoss
 from contrastive.models.gradcache import (chunk_slices, chunked_loss_grads, encode_without_grad, loss_chunk_rows,
                                           needs_reverse, replay_backward)
+from contrastive.filters.base import FilterChain, FilterContext, NegativeFilter
+from contrastive.models.estimates import BatchEstimator
 from contrastive.models.queue import MemoryQueue
+from contrastive.transforms.feature import FeatureTransformPipeline
 from contrastive.registry import MODELS
 
 
@@ -127,6 +130,10 @@ class DualEncoderModule(L.LightningModule):
         momentum: Optional[float] = None,
         cache_chunk_size: Optional[int] = None,
         cache_chunked_loss: bool = True,
+        similarity_estimator: Optional[BatchEstimator] = None,
+        difficulty: Optional[Literal["similarity", "estimate"]] = None,
+        feature_transform: Optional[Union[nn.Module, Sequence[nn.Module]]] = None,
+        filters: Optional[Sequence[NegativeFilter]] = None,
     ) -> None:
         super().__init__()
         self.query_tower = Tower(query_encoder, projection_dim, normalize)
@@ -146,6 +153,16 @@ class DualEncoderModule(L.LightningModule):
             raise ValueError(f"cache_chunk_size must be a positive integer or None; got {cache_chunk_size}")
         self.cache_chunk_size = None if cache_chunk_size is None else int(cache_chunk_size)
         self.cache_chunked_loss = cache_chunked_loss
+        self.similarity_estimator = similarity_estimator
+        if difficulty not in (None, "similarity", "estimate"):
+            raise ValueError(f"difficulty must be None, 'similarity' or 'estimate'; got {difficulty!r}")
+        if difficulty == "estimate" and similarity_estimator is None:
+            raise ValueError("difficulty='estimate' needs a similarity_estimator")
+        self.difficulty = difficulty
+        if isinstance(feature_transform, (list, tuple)):
+            feature_transform = FeatureTransformPipeline(list(feature_transform)) if feature_transform else None
+        self.feature_transform = feature_transform
+        self.filter_chain = FilterChain(list(filters)) if filters else None
         dim = int(projection_dim) if projection_dim else int(getattr(query_encoder, "output_dim"))
         self.queue: Optional[MemoryQueue] = MemoryQueue(int(queue_size), dim) if queue_size else None
         self.momentum: Optional[float] = None if momentum is None else float(momentum)
@@ -190,9 +207,19 @@ class DualEncoderModule(L.LightningModule):
             bk.copy_(b)
 
     # ------------------------------------------------------------------ training
-    def _problem(self, q: Tensor, d: Tensor, n: Optional[Tensor], batch: dict[str, Tensor]) -> "_Problem":
-        """Gather candidates across ranks (with gradient), append extra negatives and the queue, and
-        return the lazily masked loss problem. ``q``/``d`` (B, D) and ``n`` (K, D) are local."""
+    def _transform(self, q: Tensor, d: Tensor, n: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        """Feature-space transformations between encoder and loss (training only), on local embeddings:
+        returns ``(q, d, n, synthetic)`` with per-anchor synthetic negatives ``(B, S, D)`` (MoCHi) or None."""
+        if self.feature_transform is None or not self.training:
+            return q, d, n, None
+        out = self.feature_transform(q, d, n, None)
+        return out.queries, out.positives, out.negatives, out.extra_negatives
+
+    def _problem(self, q: Tensor, d: Tensor, n: Optional[Tensor], batch: dict[str, Tensor],
+                 synthetic: Optional[Tensor] = None) -> "_Problem":
+        """Gather candidates across ranks (with gradient), append extra negatives, per-anchor synthetic
+        negatives (local, visible only to their anchor) and the queue, and return the lazily masked loss
+        problem. ``q``/``d`` (B, D) and ``n`` (K, D) are local; ``synthetic`` is (B, S, D)."""
         ids = batch["pair_id"]
         groups = batch.get("dup_group", ids)
         d_all, ids_all, groups_all = gather_with_grad(d), gather_no_grad(ids), gather_no_grad(groups)
@@ -203,6 +230,14 @@ class DualEncoderModule(L.LightningModule):
             cand.append(gather_with_grad(n))
             cand_ids.append(gather_no_grad(neg_ids))
             cand_groups.append(gather_no_grad(neg_groups))
+        n_synth, synth_owner = 0, None
+        if synthetic is not None and synthetic.shape[1] > 0:
+            b, n_per = synthetic.shape[:2]
+            cand.append(synthetic.reshape(b * n_per, -1).to(d_all.dtype))
+            n_synth = b * n_per
+            synth_owner = torch.arange(b, device=ids.device).repeat_interleave(n_per)
+            cand_ids.append(torch.full((n_synth,), -1, dtype=ids_all.dtype, device=ids.device))
+            cand_groups.append(torch.full((n_synth,), -1, dtype=groups_all.dtype, device=ids.device))
         n_queue = 0
         if self.queue is not None and len(self.queue):
             qe, qi, qg = self.queue.contents()
@@ -215,7 +250,19 @@ class DualEncoderModule(L.LightningModule):
         return _Problem(q=q, cand=one(cand), d=d, q_all=q_all, ids=ids, groups=groups, cand_ids=one(cand_ids),
                         cand_groups=one(cand_groups), n_batch=d_all.shape[0], n_queue=n_queue,
                         mask_known_duplicates=self.mask_known_duplicates, keys=d_all.detach(), key_ids=ids_all,
-                        key_groups=groups_all)
+                        key_groups=groups_all, n_synth=n_synth, synth_owner=synth_owner,
+                        estimate=self._estimate(batch), difficulty=self.difficulty, filter_chain=self.filter_chain)
+
+    @torch.no_grad()
+    def _estimate(self, batch: dict[str, Tensor]) -> Optional[Tensor]:
+        """``(B, M_batch + M_extra)`` similarity estimates r_ij (Soft-InfoNCE, guide filters), or None."""
+        if self.similarity_estimator is None:
+            return None
+        return self.similarity_estimator.estimate(self, batch).to(self.device)
+
+    def on_fit_start(self) -> None:
+        if self.similarity_estimator is not None:
+            self.similarity_estimator.setup(self, getattr(self.trainer, "datamodule", None))
 
     def _enqueue(self, problem: "_Problem") -> None:
         if self.queue is not None:
@@ -236,10 +283,10 @@ class DualEncoderModule(L.LightningModule):
         q = self.encode_queries(batch["query_ids"], batch["query_mask"])
         d = self.encode_keys(batch["doc_ids"], batch["doc_mask"])
         n = self.encode_keys(batch["neg_ids"], batch["neg_mask"]) if self._has_negs(batch) else None
-        problem = self._problem(q, d, n, batch)
+        q, d, n, synthetic = self._transform(q, d, n)
+        problem = self._problem(q, d, n, batch, synthetic)
         inputs, reverse = problem.make_inputs(problem.tensors, slice(0, q.shape[0]))
-        out = self.loss_fn(inputs.anchors, inputs.candidates, inputs.positive_mask,
-                           false_negative_mask=inputs.false_negative_mask, reverse=reverse)
+        out = self.loss_fn.forward_inputs(inputs, reverse)
         logs = dict(out.logs)
         logs.update(problem.mask_logs(None))
         if enqueue if enqueue is not None else self.training:
@@ -265,7 +312,8 @@ class DualEncoderModule(L.LightningModule):
         q_leaf = qc.embeddings.requires_grad_()
         d_leaf = dc.embeddings.requires_grad_(doc_grad)
         n_leaf = nc.embeddings.requires_grad_(doc_grad) if nc is not None else None
-        problem = self._problem(q_leaf, d_leaf, n_leaf, batch)
+        q_t, d_t, n_t, synthetic = self._transform(q_leaf, d_leaf, n_leaf)
+        problem = self._problem(q_t, d_t, n_t, batch, synthetic)
         loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         rows = loss_chunk_rows(cs, problem.cand.shape[0]) if self.cache_chunked_loss else None
         res = chunked_loss_grads(self.loss_fn, problem.tensors, problem.make_inputs, b, rows, loss_params)
@@ -401,6 +449,11 @@ class _Problem:
     keys: Tensor
     key_ids: Tensor
     key_groups: Tensor
+    n_synth: int = 0
+    synth_owner: Optional[Tensor] = None
+    estimate: Optional[Tensor] = None
+    difficulty: Optional[str] = None
+    filter_chain: Optional[FilterChain] = None
 
     @property
     def tensors(self) -> list[Tensor]:
@@ -408,41 +461,97 @@ class _Problem:
 
     def masks(self, rows: slice) -> tuple[Tensor, Optional[Tensor]]:
         """``(positive, false_negative)`` ``(|rows|, M)`` masks of anchor rows ``rows``."""
+        return self._masks(rows)[:2]
+
+    def _masks(self, rows: slice) -> tuple[Tensor, Optional[Tensor], dict[str, int]]:
         ids, groups = self.ids[rows], self.groups[rows]
-        m = self.cand_ids.shape[0] - self.n_queue
+        m = self.cand_ids.shape[0] - self.n_queue - self.n_synth
         pos = ids[:, None] == self.cand_ids[None, :m]
         fn = ((groups[:, None] == self.cand_groups[None, :m]) & ~pos) if self.mask_known_duplicates else None
+        if self.n_synth:
+            assert self.synth_owner is not None
+            local = torch.arange(rows.start, rows.stop, device=ids.device)
+            foreign = self.synth_owner[None, :] != local[:, None]  # another anchor's synthetic negatives
+            fn = torch.cat([fn if fn is not None else torch.zeros_like(pos), foreign], dim=1)
+            pos = torch.cat([pos, torch.zeros_like(foreign)], dim=1)
+            m += self.n_synth
         if self.n_queue:
             q_pos, q_fn = MemoryQueue.masks(ids, groups, self.cand_ids[m:], self.cand_groups[m:],
                                             self.mask_known_duplicates)
             pos = torch.cat([pos, q_pos], dim=1)
             fn = torch.cat([fn if fn is not None else torch.zeros_like(pos[:, :m]), q_fn], dim=1)
-        return pos, fn
+        removed: dict[str, int] = {}
+        if self.filter_chain is not None:
+            fn, removed = self._filter(rows, pos, fn)
+        return pos, fn, removed
+
+    @torch.no_grad()
+    def _filter(self, rows: slice, pos: Tensor, fn: Optional[Tensor]) -> tuple[Tensor, dict[str, int]]:
+        """False-negative filters on the detached scores of anchor rows ``rows`` against every candidate;
+        candidate columns index ``cand_groups`` (column j = item j), the positive is the first positive
+        column, and the similarity estimate (when present) serves as the guide model's scores."""
+        assert self.filter_chain is not None
+        scores = (self.q[rows].detach() @ self.cand.detach().T).float()
+        known = fn if fn is not None else torch.zeros_like(pos)
+        scores = scores.masked_fill(known, float("-inf"))  # already-masked candidates are not re-counted
+        first_pos = pos.float().argmax(dim=1)
+        r = torch.arange(scores.shape[0], device=scores.device)
+        guide = self._estimate_block(rows)
+        ctx = FilterContext(scores=scores, positive_mask=pos, positive_ids=first_pos,
+                            positive_scores=scores[r, first_pos], dup_group=self.cand_groups,
+                            guide_scores=guide, guide_positive_scores=None if guide is None else guide[r, first_pos])
+        res = self.filter_chain.apply(ctx)
+        return known | res.false_negative_mask, {k: int(v) for k, v in res.removed.items()}
+
+    def _estimate_block(self, rows: slice) -> Optional[Tensor]:
+        """``(|rows|, M)`` estimates; synthetic and queued columns (no estimate) get the row mean."""
+        if self.estimate is None:
+            return None
+        est = self.estimate[rows].to(self.cand.dtype)
+        pad = self.cand.shape[0] - est.shape[1]
+        if pad:
+            est = torch.cat([est, est.mean(dim=1, keepdim=True).expand(-1, pad)], dim=1)
+        return est
 
     def make_inputs(self, leaves: Sequence[Tensor],
                     rows: slice) -> tuple[ContrastiveInputs, Optional[ContrastiveInputs]]:
         """Loss inputs of anchor rows ``rows`` built from ``leaves`` (laid out like :attr:`tensors`)."""
         pos, fn = self.masks(rows)
-        inputs = ContrastiveInputs(leaves[0][rows], leaves[1], pos, false_negative_mask=fn)
+        est = self._estimate_block(rows)
+        diff = None
+        if self.difficulty == "similarity":
+            diff = (leaves[0][rows] @ leaves[1].T).detach()
+        elif self.difficulty == "estimate":
+            diff = est
+        inputs = ContrastiveInputs(leaves[0][rows], leaves[1], pos, false_negative_mask=fn, difficulty=diff,
+                                   similarity_estimate=est)
         if len(leaves) < 4:
             return inputs, None
         m = self.n_batch
-        reverse = ContrastiveInputs(leaves[2][rows], leaves[3], pos[:, :m],
-                                    false_negative_mask=None if fn is None else fn[:, :m])
+        cut = lambda x: None if x is None else x[:, :m]  # noqa: E731
+        diff_rev = (leaves[2][rows] @ leaves[3].T).detach() if self.difficulty == "similarity" else cut(diff)
+        reverse = ContrastiveInputs(leaves[2][rows], leaves[3], pos[:, :m], false_negative_mask=cut(fn),
+                                    difficulty=diff_rev, similarity_estimate=cut(est))
         return inputs, reverse
 
     def mask_logs(self, chunk_size: Optional[int]) -> dict[str, Tensor]:
-        """``masked_duplicates``: mean masked candidates per anchor (duplicates and stale queue copies);
-        ``queue_size``: queued candidates used."""
+        """``masked_duplicates``: mean masked candidates per anchor (duplicates, stale queue copies, other
+        anchors' synthetic negatives and filter removals); ``filtered/<filter>``: mean candidates per anchor
+        each false-negative filter removed; ``queue_size``: queued candidates used."""
         b = self.ids.shape[0]
         logs: dict[str, Tensor] = {}
-        if self.mask_known_duplicates or self.n_queue:
+        if self.mask_known_duplicates or self.n_queue or self.n_synth or self.filter_chain is not None:
             total = torch.zeros((), device=self.ids.device)
+            removed: dict[str, int] = {}
             for rows in chunk_slices(b, chunk_size):
-                _, fn = self.masks(rows)
+                _, fn, rem = self._masks(rows)
                 if fn is not None:
                     total = total + fn.sum().float()
+                for k, v in rem.items():
+                    removed[k] = removed.get(k, 0) + v
             logs["masked_duplicates"] = total / b
+            for k, v in removed.items():
+                logs[f"filtered/{k}"] = torch.tensor(v / b, device=self.ids.device)
         if self.n_queue:
             logs["queue_size"] = torch.tensor(float(self.n_queue), device=self.ids.device)
         return logs
