@@ -21,16 +21,20 @@
 #
 # `CONTRASTIVE_NOTEBOOK_SCALE=smoke` (used by `tests/test_notebooks.py`) runs on a few standard-library
 # packages for a few steps; the default `full` runs on the default corpus
-# (`CONTRASTIVE_NOTEBOOK_FULL_BATCHES` optimiser steps, default 100).
+# (`CONTRASTIVE_NOTEBOOK_FULL_BATCHES` optimiser steps, default 250; `CONTRASTIVE_NOTEBOOK_EXPERIMENTS`
+# picks the experiment files).
 
 # %% tags=["parameters"]
 import os
 
 SCALE = os.environ.get("CONTRASTIVE_NOTEBOOK_SCALE", "full")  # "smoke" or "full"
 OUT = os.environ.get("CONTRASTIVE_NOTEBOOK_OUT")  # runs directory; None = runs/notebooks/loss_ablation/<SCALE>
-EXPERIMENTS = ["infonce", "dcl", "hcl", "soft_infonce_bm25", "cement", "slipform", "feature_transforms", "mochi",
-               "infonce_filtered"]
-FULL_BATCHES = int(os.environ.get("CONTRASTIVE_NOTEBOOK_FULL_BATCHES", "100"))
+EXPERIMENTS = os.environ.get(
+    "CONTRASTIVE_NOTEBOOK_EXPERIMENTS",
+    "infonce,dcl,hcl,soft_infonce_bm25,cement,slipform,feature_transforms,mochi,infonce_filtered").split(",")
+# Full scale: optimiser steps per run. Below ~150 steps the from-scratch encoder has not left the
+# log(batch) plateau of InfoNCE and every loss scores near chance, so the default is 250.
+FULL_BATCHES = int(os.environ.get("CONTRASTIVE_NOTEBOOK_FULL_BATCHES", "250"))
 
 # %%
 import json
