@@ -129,12 +129,12 @@ class Job:
 
 
 def save_results(run_dir: Path, results: dict) -> None:
+    from contrastive.io import atomic_write_text
+
     path = run_dir / "results.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     previous.update(results)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(previous, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(previous, indent=2, sort_keys=True))
 
 
 def format_table(rows: dict[str, dict[str, float]], keys: Sequence[str]) -> str:

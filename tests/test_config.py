@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from contrastive.cli import load_config, main
 from contrastive.config.errors import ConfigError

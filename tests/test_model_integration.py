@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from contrastive.filters import PositiveAwareFilter
-from contrastive.losses import InfoNCELoss
 from contrastive.losses.margin import CementLoss
 from contrastive.losses.soft_infonce import SoftInfoNCELoss
 from contrastive.models.estimates import BatchBM25Estimator, token_strings

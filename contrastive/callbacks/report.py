@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -27,6 +26,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from contrastive.io import atomic_write
 from contrastive.samplers.table import MinedTable, atomic_write_json
 
 
@@ -175,16 +175,7 @@ class NegativeQualityReport:
         ax.set_xlabel("score under the mining model")
         ax.set_ylabel("density")
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format="png")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def log_metrics(trainer: Any, metrics: dict[str, float], step: int) -> None:

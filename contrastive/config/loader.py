@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from contrastive.config.errors import ConfigError
+from contrastive.io import atomic_write_text
 
 
 @dataclass
@@ -165,7 +166,4 @@ def to_container(cfg: DictConfig) -> dict:
 
 def save_resolved(cfg: DictConfig, path: Path) -> None:
     """Write the fully resolved config atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(to_container(cfg)), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(to_container(cfg)), sort_keys=False))

@@ -5,7 +5,7 @@ against the registered constructor's signature instead (see :mod:`contrastive.co
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 

@@ -14,13 +14,14 @@ Example::
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from contrastive.io import atomic_write
 
 __all__ = ["BPETokenizer", "SPECIAL_TOKENS", "TokenizerError"]
 
@@ -93,22 +94,7 @@ class BPETokenizer:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         path = d / TOKENIZER_FILE
-        fd, tmp = tempfile.mkstemp(prefix=f".{TOKENIZER_FILE}.", suffix=".tmp", dir=d)
-        try:
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; use the mode open() would give
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self._tok.to_str())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_write(path, lambda tmp: Path(tmp).write_text(self._tok.to_str(), encoding="utf-8"))
         return path
 
     @classmethod

@@ -18,9 +18,8 @@ from __future__ import annotations
 import abc
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -37,6 +36,9 @@ class IndexInputError(ValueError):
     """Bad vectors or arguments given to an index (dim, dtype, non-finite values, ``k``)."""
 
 
+from contrastive.io import atomic_write  # noqa: E402,F401  (re-exported for the backends)
+
+
 class IndexFileError(ValueError):
     """A saved index that cannot be loaded: missing or corrupt file, or a dim other than expected."""
 
@@ -46,22 +48,6 @@ def sidecar_path(path: Union[str, os.PathLike]) -> Path:
     return Path(str(path) + ".json")
 
 
-def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:
-    """Write a file atomically: ``write(tmp_path)`` fills a temp file next to ``path``, then it is renamed.
-
-    A reader never sees a half-written file, and a crash leaves the previous version in place.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_sidecar(path: Union[str, os.PathLike], meta: dict[str, Any]) -> None:

@@ -49,7 +49,6 @@ import datetime
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -59,6 +58,7 @@ import torch
 from torch import Tensor
 
 from contrastive.filters.functional import rowwise_isin
+from contrastive.io import atomic_write
 from contrastive.samplers.base import NegativeSampler
 
 TABLE_FORMAT = "contrastive.negatives"
@@ -104,19 +104,6 @@ def table_key(config_fp: str, checkpoint_fp: Optional[Mapping[str, Any]]) -> str
     return fingerprint({"config": config_fp, "checkpoint": dict(checkpoint_fp) if checkpoint_fp else None})
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_write_json(path: Union[str, os.PathLike], obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically (temp file + ``os.replace``)."""
 
@@ -124,7 +111,7 @@ def atomic_write_json(path: Union[str, os.PathLike], obj: Any) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
 
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def _json_default(o: Any) -> Any:
@@ -231,7 +218,7 @@ class MinedTable:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
 
-        _atomic_write(path, write)
+        atomic_write(path, write)
         atomic_write_json(str(path) + ".json", header)
         return path
 

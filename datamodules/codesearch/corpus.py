@@ -29,12 +29,13 @@ import json
 import logging
 import os
 import sysconfig
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+from contrastive.io import atomic_write
 
 from datamodules.codesearch import extract as _extract
 from datamodules.codesearch.extract import code_key, query_key
@@ -250,32 +251,16 @@ def atomic_write_jsonl_gz(path: str | os.PathLike, header: dict[str, Any], lines
     """Write ``header`` then ``lines`` (one JSON document each) to ``path`` as gzip, atomically: the data
     goes to a temporary file in the same directory which replaces ``path`` only once complete; on any
     error the temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            _chmod_like_open(tmp)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as raw:
             with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=5, mtime=0) as gz:
                 gz.write((json.dumps(header) + "\n").encode("utf-8"))
                 for line in lines:
                     gz.write((line + "\n").encode("utf-8"))
             raw.flush()
             os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
-
-def _chmod_like_open(path: str | os.PathLike) -> None:
-    """Give a ``mkstemp`` file (mode 0600) the mode ``open()`` would have given it (0666 minus umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    atomic_write(path, write)
 
 
 def default_cache_dir() -> Path:

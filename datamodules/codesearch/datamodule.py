@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,10 +24,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from contrastive.encoders.tokenizer import BPETokenizer
+from contrastive.io import atomic_write
 from contrastive.registry import DATAMODULES
 from datamodules.codesearch.corpus import (
     DEFAULT_MAX_FILES, DEFAULT_MAX_GROUP_PAIRS, DEFAULT_MAX_PAIRS, SPLIT_METHODS, SPLITS, CodePair,
-    CodeSearchCorpus, CorpusError, _chmod_like_open, build_local_corpus, check_fractions, resolve_cache_dir,
+    CodeSearchCorpus, CorpusError, build_local_corpus, check_fractions, resolve_cache_dir,
 )
 from datamodules.codesearch.jsonl import build_jsonl_corpus
 
@@ -405,16 +405,4 @@ class CodeSearchDataModule(L.LightningDataModule):
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        _chmod_like_open(tmp)
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
