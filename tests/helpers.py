@@ -1,6 +1,8 @@
 """Small shared builders for tests."""
 from __future__ import annotations
 
+import socket
+
 import torch
 
 from contrastive.encoders import TransformerTextEncoder
@@ -26,3 +28,21 @@ def tiny_batch(n: int, vocab: int = 50, length: int = 6, seed: int = 1, groups: 
     batch = {"query_ids": qi, "query_mask": qm, "doc_ids": di, "doc_mask": dm, "pair_id": ids}
     batch["dup_group"] = torch.tensor(groups) if groups is not None else ids.clone()
     return batch
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for gloo process groups)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DDPWrap(torch.nn.Module):
+    """Wraps a dual encoder so that torch DDP calls ``contrastive_step`` as its forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.contrastive_step(batch)[0]

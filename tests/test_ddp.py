@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -10,26 +9,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tests.helpers import tiny_batch, tiny_model
+from tests.helpers import DDPWrap as _Wrap, free_port as _free_port, tiny_batch, tiny_model
 
 WORLD = 2
 N = 8  # global batch
 GROUPS = [0, 1, 2, 3, 0, 5, 6, 3]  # duplicates that sit on different ranks (0↔4, 3↔7)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Wrap(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch):
-        return self.model.contrastive_step(batch)[0]
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:

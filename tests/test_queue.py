@@ -3,7 +3,6 @@ positives and duplicates, checkpointing, cached training, and identical queues u
 from __future__ import annotations
 
 import os
-import socket
 
 import lightning as L
 import pytest
@@ -16,7 +15,7 @@ from contrastive.encoders import TransformerTextEncoder
 from contrastive.losses import InfoNCELoss
 from contrastive.models import DualEncoderModule
 from contrastive.models.queue import MemoryQueue
-from tests.helpers import tiny_batch, tiny_model
+from tests.helpers import DDPWrap as _Wrap, free_port as _free_port, tiny_batch, tiny_model
 
 GROUPS = [0, 1, 2, 3, 0, 5, 6, 3]
 
@@ -244,20 +243,6 @@ def test_queue_and_momentum_saved_in_checkpoint(tmp_path):
 # ---------------------------------------------------------------------------------------------- DDP
 WORLD, N, STEPS = 2, 8, 3
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Wrap(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch):
-        return self.model.contrastive_step(batch)[0]
 
 
 def _batches() -> list[dict]:
