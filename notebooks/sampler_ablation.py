@@ -40,6 +40,8 @@
 # %% tags=["parameters"]
 import os
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: see contrastive/cli.py
+
 SCALE = os.environ.get("CONTRASTIVE_NOTEBOOK_SCALE", "full")  # "smoke" or "full"
 OUT = os.environ.get("CONTRASTIVE_NOTEBOOK_OUT")  # runs directory; None = runs/notebooks/sampler_ablation/<SCALE>
 SAMPLERS = ["in_batch", "bm25", "faiss_hard", "faiss_hard_filtered", "ngame"]
