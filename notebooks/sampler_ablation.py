@@ -141,9 +141,17 @@ COMMON = [*DATA, *MODEL, *BUDGET, "trainer.enable_progress_bar=false", "callback
 
 cfg = load_config(EXP, COMMON)
 BATCH = int(cfg["data"]["batch_size"])
-datamodule = build_datamodule(cfg["data"], seed=int(cfg.get("seed", 0)))
-corpus_info = datamodule.describe()  # builds (or loads the cached) corpus; no tokenizer needed
+
+
+def load_corpus():
+    """The corpus every run of this notebook trains on (built, or loaded from the on-disk cache)."""
+    dm = build_datamodule(cfg["data"], seed=int(cfg.get("seed", 0)))
+    return dm, dm.describe()  # no tokenizer needed
+
+
+datamodule, corpus_info = load_corpus()
 corpus = datamodule.corpus
+CORPUS_FP = corpus.fingerprint  # changes with the files scanned (the default corpus: stdlib + site-packages)
 train = corpus.records("train")
 group_size = Counter(r.dup_group for r in train)
 train_dup_rows = sum(n for n in group_size.values() if n > 1)
@@ -155,7 +163,7 @@ expected_inbatch_fn = sum(group_size[r.dup_group] - 1 for r in train) / (N * (N 
 CORPUS = {k: corpus_info[k] for k in ("records", "splits", "dup_groups", "dup_records", "largest_dup_group",
                                        "cross_split_dup_groups")}
 CORPUS.update(train_dup_groups=train_dup_groups, train_dup_rows=train_dup_rows,
-              expected_inbatch_fn_rate=expected_inbatch_fn)
+              expected_inbatch_fn_rate=expected_inbatch_fn, fingerprint=CORPUS_FP)
 print(json.dumps(CORPUS, indent=1))
 print("overrides:", " ".join(COMMON))
 assert train_dup_rows > 0, "the training split has no known duplicates: the false-negative columns would be vacuous"
@@ -187,18 +195,33 @@ def run_cli(argv: list[str], log_path: Path) -> int:
             logging.getLogger(name).setLevel(level)
 
 
+STAMP = "notebook_corpus.txt"  # the corpus fingerprint a run was checked to have used
+
+
 def finished_run(experiment: str, argv: list[str]) -> Path | None:
     """With ``REUSE``: the latest run of ``experiment`` in OUT that finished (``results.json``) with the very
-    config ``argv`` composes to (e.g. to resume a long full-scale notebook after an interruption)."""
+    config ``argv`` composes to, on this corpus (e.g. to resume a long full-scale notebook after an interruption)."""
     if not REUSE:
         return None
     want = load_config(EXP, argv)
     runs = sorted((OUT / "runs" / experiment).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     for run_dir in reversed(runs):
-        if (run_dir / "results.json").is_file() and (run_dir / "config.yaml").is_file():
+        if (run_dir / "results.json").is_file() and (run_dir / "config.yaml").is_file() \
+                and (run_dir / STAMP).is_file() and (run_dir / STAMP).read_text().strip() == CORPUS_FP:
             if yaml.safe_load((run_dir / "config.yaml").read_text()) == want:
                 return run_dir
     return None
+
+
+def check_same_corpus(run_dir: Path) -> None:
+    """The default corpus is rebuilt whenever the scanned files change (e.g. a ``pip install`` during the
+    notebook), which would make the rows incomparable: check that it is still the one of section 1."""
+    now = load_corpus()[0].corpus
+    if now.fingerprint != CORPUS_FP:
+        raise RuntimeError(f"the corpus changed while the notebook ran ({len(corpus)} -> {len(now)} records; were "
+                           f"packages installed?): {run_dir} may have used another corpus than the earlier runs. "
+                           "Re-run the notebook on a machine whose source files do not change meanwhile.")
+    (run_dir / STAMP).write_text(CORPUS_FP + "\n")
 
 
 RUNS: dict[str, Path] = {}
@@ -212,6 +235,7 @@ for name in SAMPLERS:
         code = run_cli(["fit", str(EXP), *argv], OUT / "logs" / f"{experiment}.log")
         assert code == 0, f"fit with sampler={name} exited with {code}; see {OUT / 'logs' / f'{experiment}.log'}"
         assert (run_dir / "results.json").is_file(), f"{run_dir}: no results.json"
+        check_same_corpus(run_dir)
     RUNS[name] = run_dir
     mrr = json.loads((run_dir / "results.json").read_text())["test"]["mrr"]
     print(f"{name:>20}: test MRR {mrr:.4f}  ({time.perf_counter() - t0:.0f}s)  {run_dir}")
@@ -307,7 +331,9 @@ if BM25_BASELINE:
     lines.append(f"| *BM25 baseline (no training)* | {b['mrr']:.4f} | {b['recall@1']:.4f} | {b['recall@10']:.4f} | - | - |")
 budget = " ".join(BUDGET)
 TABLE_MD = "\n".join(lines)
-test_size = int(json.loads((RUNS[SAMPLERS[0]] / "results.json").read_text())["test"].get("corpus_size", 0))
+sizes = {name: int(json.loads((d / "results.json").read_text())["test"].get("corpus_size", -1)) for name, d in RUNS.items()}
+assert set(sizes.values()) == {CORPUS["splits"]["test"]}, f"the runs were tested on different test splits: {sizes}"
+test_size = CORPUS["splits"]["test"]
 caption = (f"Code search ({SCALE} scale): {CORPUS['splits']['train']} training pairs, test MRR over "
            f"{test_size} test documents; same budget for every sampler: `{budget}` (batch size {BATCH}).")
 show_markdown(caption + "\n\n" + TABLE_MD)
