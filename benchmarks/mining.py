@@ -3,12 +3,15 @@
 For each ``N``: ``N`` random unit vectors of size ``d`` (float32) are both the queries and the database,
 as in offline mining (every training document is a query against the whole corpus), and we time:
 
-- **exact** (:func:`contrastive.index.exact_topk`): blocks of ``query_chunk x chunk`` scores from
-  ``torch.mm`` into one reused buffer, top-k by the threshold filter + running merge. Achieved rate =
-  ``2 * Q * N * d / time``, next to the **matmul rate** of this machine measured in the same run: a
-  ``torch.mm`` of the same block shape ``(query_chunk, d) @ (d, chunk)``, best of ``--repeats``, and of a
-  large ``(4096, d) @ (d, 16384)`` one; ``vs mm`` = achieved / the better of the two (1.0 = top-k
-  selection for free).
+- **exact** (:func:`contrastive.index.exact_topk`, fused CPU path): each worker thread computes blocks of
+  ``query_chunk x chunk`` scores with a single-threaded ``torch.mm`` into its own buffer and filters
+  them with the compiled top-k kernel. Achieved rate = ``2 * Q * N * d / time``, next to the **matmul
+  rate** of this machine measured in the same run, before and after the exact search (the best of
+  both is kept): ``torch.mm`` of the same block shape run the same way (one per worker thread, all at
+  once), and a large ``(4096, d) @ (d, 16384)`` ``torch.mm`` on all threads; ``vs mm`` = achieved /
+  the best of these (1.0 = top-k selection for free).
+- **exact, torch path** (optional, ``--torch-path``): the same search with torch ops only
+  (``backend="torch"``), what runs on CUDA or without the compiled kernel.
 - **faiss-flat** (optional, ``--faiss-flat``): FAISS' exact ``IndexFlatIP`` (BLAS + C++ heaps), for
   reference.
 - **ivf-flat** and **hnsw** (FAISS): build time, search time of the same queries, recall@k against the
@@ -16,8 +19,8 @@ as in offline mining (every training document is a query against the whole corpu
 
 Peak memory: a sampling thread reads the resident set (``/proc/self/statm``) every 2 ms during each
 call; ``peak RSS Δ`` is the peak minus the RSS just before the call. For the exact method it should stay
-near the score buffer (``query_chunk x chunk x 4`` bytes plus the ``(Q, k)`` outputs), whatever ``N`` is,
-whereas the full ``Q x N`` score matrix is printed next to it.
+near the score buffers (``query_chunk x chunk x 4`` bytes per worker plus the ``(Q, k)`` outputs), whatever
+``N`` is, whereas the full ``Q x N`` score matrix is printed next to it.
 
 Threads: ``torch.set_num_threads(--threads)`` (default: all cores) and ``OMP_WAIT_POLICY=PASSIVE``
 unless set otherwise (spinning OpenMP threads collapse throughput on a shared CPU; see the comment at
@@ -55,6 +58,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from contrastive.index import FaissIndex, exact_topk, import_faiss  # noqa: E402
+from contrastive.index.exact import FUSED_BLOCK, TORCH_BLOCK, fused_available  # noqa: E402
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -113,6 +117,41 @@ def matmul_rate(rows: int, cols: int, d: int, repeats: int) -> float:
     return 2 * rows * cols * d / best / 1e9
 
 
+class PairedReference:
+    """The machine's matmul rate measured around each timed slice of work, so that both see the same
+    machine: on a shared VM the speed of a large ``torch.mm`` drifts by 2x within a minute (measured
+    here: 141-295 GFLOP/s over 25 s, median 236), so a best-of-5 reference taken once would compare a
+    lucky second against a whole run. ``around(work, flops)`` runs the reference ``(4096, d) @ (d, 16384)``
+    matmul for about ``flops / 2`` before and after ``work``; the ratio of the totals is reported."""
+
+    def __init__(self, d: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b = torch.randn(4096, d, generator=g), torch.randn(16384, d, generator=g)
+        self.out = torch.empty(4096, 16384)
+        self.call_flops = 2 * 4096 * 16384 * d
+        self.flops = 0.0
+        self.seconds = 0.0
+        torch.mm(self.a, self.b.T, out=self.out)  # warm-up
+
+    def _run(self, flops: float) -> None:
+        calls = max(1, round(flops / self.call_flops))
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            torch.mm(self.a, self.b.T, out=self.out)
+        self.seconds += time.perf_counter() - t0
+        self.flops += calls * self.call_flops
+
+    def around(self, work: Callable[[], Any], flops: float) -> tuple[Any, float, int]:
+        self._run(flops / 2)
+        out = timed(work)
+        self._run(flops / 2)
+        return out
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / self.seconds / 1e9
+
+
 def recall_at_k(ids: torch.Tensor, ref: torch.Tensor) -> float:
     """Mean fraction of the exact top-k ids that the approximate top-k contains."""
     k = ref.shape[1]
@@ -144,13 +183,15 @@ class Row:
     build_s: Optional[float] = None
     peak_mb: Optional[float] = None
     notes: list[str] = field(default_factory=list)
+    ref_gflops: Optional[float] = None  # paired reference matmul rate (exact rows)
+    vs_best: Optional[float] = None
 
 
 def fmt(x: Optional[float], spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
 
-def run_n(n: int, args: argparse.Namespace, mm_gflops: float) -> list[Row]:
+def run_n(n: int, args: argparse.Namespace) -> list[Row]:
     d, k = args.dim, args.k
     nq = args.queries if args.queries else (n if n <= 100_000 else 8192)
     nq = min(nq, n)
@@ -164,13 +205,39 @@ def run_n(n: int, args: argparse.Namespace, mm_gflops: float) -> list[Row]:
     q = x[torch.randperm(n, generator=g)[:nq]] if nq < n else x
     rows: list[Row] = []
     subset = f"timed on {nq:,} of {n:,} queries, all-pairs time extrapolated x{scale:.1f}" if nq < n else ""
-
-    exact_topk(q[:256], x[: max(k, 4096)], k, args.chunk_size, args.query_chunk_size)  # warm-up
-    (ref_v, ref_i), t_exact, mem = timed(lambda: exact_topk(q, x, k, args.chunk_size, args.query_chunk_size))
     flops = 2 * nq * n * d
-    rows.append(Row(n, nq, "exact (torch)", t_exact * scale, flops / t_exact / 1e9, flops / t_exact / 1e9 / mm_gflops,
-                    1.0, 1.0, None, mem / 2**20, [subset] if subset else []))
+
+    ref = PairedReference(d)
+
+    def exact_sliced(backend: str) -> tuple[torch.Tensor, float, float]:
+        """The search in ``--slices`` query slices, each between two reference matmuls; returns
+        (ids, seconds, peak RSS increase)."""
+        ids, seconds, peak = [], 0.0, 0
+        for part in torch.tensor_split(torch.arange(nq), min(args.slices, nq)):
+            qs = q[part[0] : part[-1] + 1]
+            (_, i), t, mem = ref.around(
+                lambda: exact_topk(qs, x, k, args.chunk_size, args.query_chunk_size, threads=args.threads,
+                                   backend=backend), 2 * qs.shape[0] * n * d)
+            ids.append(i)
+            seconds += t
+            peak = max(peak, mem)
+        return torch.cat(ids), seconds, peak
+
+    backend = "fused" if fused_available() else "torch"
+    exact_topk(q[:256], x[: max(k, 4096)], k, backend=backend)  # warm-up
+    ref_i, t_exact, mem = exact_sliced(backend)
+    label = "exact (fused C filter)" if backend == "fused" else "exact (torch path: C kernel not built)"
+    rows.append(Row(n, nq, label, t_exact * scale, flops / t_exact / 1e9, flops / t_exact / 1e9 / ref.gflops, 1.0,
+                    1.0, None, mem / 2**20, [subset] if subset else []))
+    rows[-1].ref_gflops = ref.gflops
     progress(rows[-1])
+    if args.torch_path and backend == "fused":
+        ref = PairedReference(d)
+        ti, t, mem = exact_sliced("torch")
+        rows.append(Row(n, nq, "exact (torch path)", t * scale, flops / t / 1e9, flops / t / 1e9 / ref.gflops,
+                        recall_at_k(ti, ref_i), t_exact / t, None, mem / 2**20))
+        rows[-1].ref_gflops = ref.gflops
+        progress(rows[-1])
     faiss = import_faiss()
     faiss.omp_set_num_threads(args.threads)
 
@@ -178,7 +245,7 @@ def run_n(n: int, args: argparse.Namespace, mm_gflops: float) -> list[Row]:
         flat = FaissIndex(d, "ip", kind="flat", use_gpu=False)
         flat.add(x)
         (_, fi), t, mem = timed(lambda: flat.search(q, k))
-        rows.append(Row(n, nq, "faiss flat (exact)", t * scale, flops / t / 1e9, flops / t / 1e9 / mm_gflops,
+        rows.append(Row(n, nq, "faiss flat (exact)", t * scale, flops / t / 1e9, None,
                         recall_at_k(fi, ref_i), t_exact / t, None, mem / 2**20))
         progress(rows[-1])
         del flat
@@ -208,16 +275,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--n", type=int, nargs="+", default=[100_000], help="corpus sizes (queries = database)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--k", type=int, default=100)
-    p.add_argument("--chunk-size", type=int, default=16384, help="database rows per score block")
-    p.add_argument("--query-chunk-size", type=int, default=1024, help="query rows per score block")
+    p.add_argument("--chunk-size", type=int, default=None, help="database rows per score block (default: exact_topk's)")
+    p.add_argument("--query-chunk-size", type=int, default=None, help="query rows per score block (default: exact_topk's)")
     p.add_argument("--queries", type=int, default=0, help="time this many queries and extrapolate (0: auto)")
     p.add_argument("--faiss-flat", action=argparse.BooleanOptionalAction, default=True, help="also time FAISS IndexFlatIP")
+    p.add_argument("--torch-path", action=argparse.BooleanOptionalAction, default=False,
+                   help="also time exact_topk's torch-op path")
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: 4 sqrt(N))")
     p.add_argument("--nprobe", type=int, default=0, help="IVF lists probed (0: nlist / 8)")
     p.add_argument("--hnsw-m", type=int, default=16)
     p.add_argument("--ef-construction", type=int, default=80)
     p.add_argument("--ef-search", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5, help="repeats of the reference matmul (best is kept)")
+    p.add_argument("--repeats", type=int, default=5, help="repeats of the best-of reference matmuls")
+    p.add_argument("--slices", type=int, default=0,
+                   help="the exact search runs in this many query slices, each between two reference matmuls "
+                        "(0: one per 8192 queries, at most 10)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", choices=("uniform", "clustered"), default="uniform",
@@ -227,37 +299,63 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.quick:
         args.n = [20_000]
         args.queries = args.queries or 2048
-        args.chunk_size, args.query_chunk_size = 4096, 1024
     torch.set_num_threads(args.threads)
+    if args.slices < 1:
+        nq = min(args.queries or max(args.n), max(args.n))
+        args.slices = max(1, min(10, nq // 8192))
+    fused = fused_available()
+    qdef, cdef = FUSED_BLOCK if fused else TORCH_BLOCK
+    qc, cc = args.query_chunk_size or qdef, args.chunk_size or cdef
 
-    mm_block = matmul_rate(args.query_chunk_size, args.chunk_size, args.dim, args.repeats)
-    # an honest reference: also the sustained rate of a large matmul; "vs mm" uses the better of the two
-    mm_large = matmul_rate(4096, 16384, args.dim, max(2, args.repeats // 2))
-    mm = max(mm_block, mm_large)
-    buffer_mb = args.query_chunk_size * args.chunk_size * 4 / 2**20
+    def references() -> tuple[float, float]:
+        return (matmul_rate(qc, cc, args.dim, args.repeats),
+                matmul_rate(4096, 16384, args.dim, max(2, args.repeats // 2)))
+
+    mm_block, mm_large = references()
+    buffer_mb = qc * cc * 4 / 2**20
     print(f"# Mining benchmark: d={args.dim}, k={args.k}, data={args.data}, threads={args.threads}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, torch {torch.__version__}")
-    print(f"# score block {args.query_chunk_size} x {args.chunk_size} ({buffer_mb:.0f} MB); "
-          f"torch.mm of that block shape: {mm_block:.1f} GFLOP/s (best of {args.repeats}); "
-          f"4096 x 16384 x {args.dim} torch.mm: {mm_large:.1f} GFLOP/s; 'vs mm' divides by {mm:.1f}\n")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, torch {torch.__version__}, "
+          f"exact path: {'fused C filter (' + _topk_isa() + ')' if fused else 'torch ops'}")
+    print(f"# score block {qc} x {cc} ({buffer_mb:.0f} MB); before the runs: block-shaped torch.mm "
+          f"{mm_block:.1f} GFLOP/s, 4096 x 16384 x {args.dim} torch.mm {mm_large:.1f} GFLOP/s (best of {args.repeats})",
+          flush=True)
     all_rows: list[Row] = []
     for n in args.n:
-        rows = run_n(n, args, mm)
+        rows = run_n(n, args)
         all_rows.extend(rows)
         full_gb = n * n * 4 / 2**30
-        print(f"N = {n:,}: the full {n:,} x {n:,} fp32 score matrix would be {full_gb:,.1f} GB; score buffer {buffer_mb:.0f} MB")
+        print(f"N = {n:,}: the full {n:,} x {n:,} fp32 score matrix would be {full_gb:,.1f} GB; score buffer "
+              f"{buffer_mb:.0f} MB")
         for note in rows[0].notes:
             print(f"  note: {note}")
+        for r in rows:
+            if r.ref_gflops is not None:
+                print(f"  {r.method}: paired reference matmul {r.ref_gflops:.1f} GFLOP/s (4096 x 16384 x {args.dim} "
+                      f"torch.mm run around each of the {args.slices} slices)")
+    after = references()
+    best = max(mm_block, mm_large, *after)
+    print(f"# after the runs: block-shaped torch.mm {after[0]:.1f} GFLOP/s, large torch.mm {after[1]:.1f} GFLOP/s; "
+          f"best of all four: {best:.1f} GFLOP/s ('vs best mm')")
+    for r in all_rows:
+        if r.gflops is not None:
+            r.vs_best = r.gflops / best
     print()
     print(
-        "| N | queries timed | method | all-pairs time (s) | GFLOP/s | vs mm | recall@k "
+        "| N | queries timed | method | all-pairs time (s) | GFLOP/s | vs mm (paired) | vs best mm | recall@k "
         "| search speed-up vs exact (x) | build (s) | peak RSS Δ (MB) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in all_rows:
         print(f"| {r.n:,} | {r.queries:,} | {r.method} | {r.seconds:,.1f} | {fmt(r.gflops, '.1f')} | {fmt(r.vs_mm, '.2f')} | "
-              f"{fmt(r.recall, '.3f')} | {fmt(r.speedup, '.1f')} | {fmt(r.build_s, '.1f')} | {fmt(r.peak_mb, ',.0f')} |")
+              f"{fmt(r.vs_best, '.2f')} | {fmt(r.recall, '.3f')} | {fmt(r.speedup, '.1f')} | {fmt(r.build_s, '.1f')} | "
+              f"{fmt(r.peak_mb, ',.0f')} |")
     sys.stdout.flush()
+
+
+def _topk_isa() -> str:
+    from contrastive.index import _topk
+
+    return _topk.isa()
 
 
 if __name__ == "__main__":

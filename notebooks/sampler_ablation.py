@@ -51,6 +51,7 @@ REUSE = os.environ.get("CONTRASTIVE_NOTEBOOK_REUSE", "0") == "1"  # reuse finish
 
 # %%
 import csv
+import hashlib
 import json
 import logging
 import sys
@@ -149,9 +150,18 @@ def load_corpus():
     return dm, dm.describe()  # no tokenizer needed
 
 
+def content_digest(c) -> str:
+    """sha1 of what the runs see (splits, duplicate groups, texts); unlike the cache fingerprint it does not
+    change when a file is merely touched or a package reinstalled."""
+    h = hashlib.sha1()
+    for r in c.records():
+        h.update(f"{r.id}\t{r.split}\t{r.dup_group}\t{r.query}\t{r.document}\n".encode("utf-8", "replace"))
+    return h.hexdigest()[:16]
+
+
 datamodule, corpus_info = load_corpus()
 corpus = datamodule.corpus
-CORPUS_FP = corpus.fingerprint  # changes with the files scanned (the default corpus: stdlib + site-packages)
+CORPUS_FP = content_digest(corpus)  # the default corpus depends on this machine's stdlib + site-packages
 train = corpus.records("train")
 group_size = Counter(r.dup_group for r in train)
 train_dup_rows = sum(n for n in group_size.values() if n > 1)
@@ -175,7 +185,7 @@ assert train_dup_rows > 0, "the training split has no known duplicates: the fals
 # `contrastive.cli.main`; each run writes `results.json` (test metrics and the BM25 baseline),
 # `metrics.csv` and, for the mining samplers, `negatives/step_<n>.json` (the negative-quality report at
 # every refresh: `negatives/before/dup_fraction` and `negatives/after/dup_fraction`) and the mined tables
-# `negatives/table-<key>.npz`. The console output of each run goes to `<run>/notebook.log`.
+# `negatives/table-<key>.npz`. The console output of each command goes to `<OUT>/logs/<experiment>.log`.
 
 # %%
 QUIET = ("lightning", "lightning.pytorch", "lightning.fabric", "contrastive", "datamodules", "bm25s")
@@ -216,8 +226,14 @@ def finished_run(experiment: str, argv: list[str]) -> Path | None:
 def check_same_corpus(run_dir: Path) -> None:
     """The default corpus is rebuilt whenever the scanned files change (e.g. a ``pip install`` during the
     notebook), which would make the rows incomparable: check that it is still the one of section 1."""
-    now = load_corpus()[0].corpus
-    if now.fingerprint != CORPUS_FP:
+    quiet = logging.getLogger("datamodules")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the bad-input summary was shown in section 1
+    try:
+        now = load_corpus()[0].corpus
+    finally:
+        quiet.setLevel(level)
+    if content_digest(now) != CORPUS_FP:
         raise RuntimeError(f"the corpus changed while the notebook ran ({len(corpus)} -> {len(now)} records; were "
                            f"packages installed?): {run_dir} may have used another corpus than the earlier runs. "
                            "Re-run the notebook on a machine whose source files do not change meanwhile.")
@@ -385,6 +401,8 @@ def head(text: str, lines: int = 3) -> str:
 
 
 def show_examples(table: MinedTable, neg_rows: torch.Tensor, dup: torch.Tensor, title: str, limit: int = 2) -> None:
+    # the texts are looked up in this notebook's corpus: the table must come from the same training split
+    assert torch.equal(table.pair_ids, torch.tensor([r.id for r in train])), f"{title}: mined on another corpus"
     qi, kj = dup.nonzero(as_tuple=True)
     shown, seen = 0, set()
     for i, j in zip(qi.tolist(), kj.tolist()):

@@ -20,6 +20,7 @@ from contrastive.index import (
     import_faiss,
     rank_of,
 )
+from contrastive.index.exact import fused_available
 from contrastive.registry import INDEXES
 
 
@@ -65,25 +66,95 @@ def test_exact_index_matches_full_topk(metric: str, chunk_size: int) -> None:
     assert len(index) == 1001
 
 
+BACKENDS = ["fused", "torch"]
+
+
+def test_fused_extension_is_built() -> None:
+    """The README's install compiles contrastive/index/_topk.c; without it mining falls back to the
+    (2x slower) torch path, which would go unnoticed."""
+    assert fused_available(), "contrastive.index._topk is not built: reinstall with `pip install -e .` and a C compiler"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k", [1, 10, 100, 333])
 @pytest.mark.parametrize("chunk_size,query_chunk", [(50, 9), (128, 1000), (333, 40)])
-def test_exact_topk_functional(k: int, chunk_size: int, query_chunk: int) -> None:
+def test_exact_topk_functional(k: int, chunk_size: int, query_chunk: int, backend: str) -> None:
     g = torch.Generator().manual_seed(k)
     q, x = torch.randn(70, 8, generator=g), torch.randn(333, 8, generator=g)
-    vals, ids = exact_topk(q, x, k, chunk_size=chunk_size, query_chunk_size=query_chunk)
+    vals, ids = exact_topk(q, x, k, chunk_size=chunk_size, query_chunk_size=query_chunk, backend=backend)
     ref_v, ref_i = reference_topk(q, x, k)
     assert torch.equal(ids, ref_i)
     torch.testing.assert_close(vals, ref_v, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("chunk_size", [5, 64, 500])
-def test_exact_ties_lower_id_first(chunk_size: int) -> None:
+def test_exact_ties_lower_id_first(chunk_size: int, backend: str) -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 3, (500, 4), generator=g).float()  # many exactly equal scores
     q = torch.randint(0, 3, (30, 4), generator=g).float()
-    vals, ids = exact_topk(q, x, 50, chunk_size=chunk_size)
+    vals, ids = exact_topk(q, x, 50, chunk_size=chunk_size, backend=backend)
     ref_v, ref_i = reference_topk(q, x, 50)
     assert torch.equal(ids, ref_i) and torch.equal(vals, ref_v)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    "nq,n,k,chunk,qchunk",
+    [
+        (300, 5000, 100, 2048, 64),  # first block wide enough for the group-maximum floor; merges mid-block
+        (257, 4099, 7, 512, 100),  # ragged last blocks
+        (64, 150, 150, 64, 64),  # k = N, every block narrower than 2k
+        (3, 1000, 40, 4096, 512),  # fewer queries than a worker's share
+        (200, 3000, 1, 1, 7),  # one-column blocks
+    ],
+)
+def test_fused_topk_matches_stable_sort(nq: int, n: int, k: int, chunk: int, qchunk: int, threads: int) -> None:
+    """The compiled filter (rows split over 1-3 threads, buffered merges) against the full stable sort,
+    values and ids bit for bit, with many exact ties (duplicated database rows)."""
+    g = torch.Generator().manual_seed(nq + n + k)
+    x = torch.randn(n, 16, generator=g)
+    x[n // 2 : n // 2 + n // 5] = x[: n // 5]  # exact duplicates: equal scores, the lower id must win
+    q = torch.randn(nq, 16, generator=g)
+    vals, ids = exact_topk(q, x, k, chunk_size=chunk, query_chunk_size=qchunk, threads=threads, backend="fused")
+    ref_v, ref_i = reference_topk(q, x, k)
+    assert torch.equal(ids, ref_i)
+    torch.testing.assert_close(vals, ref_v, atol=1e-5, rtol=1e-5)
+    tv, ti = exact_topk(q, x, k, chunk_size=chunk, query_chunk_size=qchunk, backend="torch")
+    assert torch.equal(ids, ti)
+
+
+def test_fused_scalar_fallback_matches() -> None:
+    """The scan without AVX2 (forced by CONTRASTIVE_TOPK_SCALAR at import) gives the same result."""
+    code = (
+        "import torch; from contrastive.index import _topk; from contrastive.index.exact import exact_topk\n"
+        "assert _topk.isa() == 'scalar'\n"
+        "g = torch.Generator().manual_seed(0); q, x = torch.randn(50, 8, generator=g), torch.randn(3000, 8, generator=g)\n"
+        "x[1500:1600] = x[:100]\n"
+        "v, i = exact_topk(q, x, 60, backend='fused'); r = torch.sort(q @ x.T, dim=1, descending=True, stable=True)\n"
+        "assert torch.equal(i, r.indices[:, :60]), 'scalar path differs'\n"
+    )
+    env = {**os.environ, "CONTRASTIVE_TOPK_SCALAR": "1"}
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_exact_topk_backend_errors() -> None:
+    q, x = torch.randn(4, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
+    with pytest.raises(IndexInputError, match="backend='fused' is unavailable.*float32"):
+        exact_topk(q, x, 3, backend="fused")
+    v, i = exact_topk(q, x, 3)  # auto: float64 goes to the torch path
+    assert torch.equal(i, reference_topk(q, x, 3)[1])
+    with pytest.raises(IndexInputError, match="backend must be one of"):
+        exact_topk(q, x, 3, backend="numba")
+    bad = torch.randn(20, 8)
+    bad[7, 0] = float("inf")
+    with pytest.raises(IndexInputError, match=r"database vectors contain NaN or infinite values \(rows \[7\]"):
+        exact_topk(torch.randn(4, 8), bad, 3)
+    with pytest.raises(IndexInputError, match="threads must be a positive integer"):
+        exact_topk(torch.randn(4, 8), torch.randn(20, 8), 3, threads=0)
 
 
 def test_exact_index_errors() -> None:

@@ -8,26 +8,34 @@ sentence-transformers #3164 / PR #3816 hit exactly this when mining without FAIS
 Top-k selection without a ``torch.topk`` per block
 --------------------------------------------------
 ``torch.topk(k=100)`` over a ``4096 x 4096`` block costs 2-3x the matrix multiply that produced it on a
-CPU, so "topk per block, then merge" runs at about a third of the matmul rate. Instead each block goes
-through a threshold filter (the k-selection idea of Johnson, Douze & Jégou 2017, "Billion-scale
-similarity search with GPUs", arXiv:1702.08734, written with torch ops):
+CPU, so "topk per block, then merge" runs at about a third of the matmul rate. Both paths below use a
+threshold filter instead (the k-selection idea of Johnson, Douze & Jégou 2017, "Billion-scale
+similarity search with GPUs", arXiv:1702.08734): each query row keeps a running top-k whose k-th score
+``t`` a new score must beat; block ``j`` has only about ``k * chunk / seen`` survivors per query,
+``k (1 + ln(N / chunk))`` in all, which are buffered and merged in batches.
 
-1. A running top-k per query is kept sorted; its k-th score ``t`` is what a new score must beat.
-2. One pass reduces the block to maxima of level-1 groups (``group_size`` columns) and those to
+**Fused CPU path** (float32 on CPU, the default there): ``contrastive/index/_topk.c`` does the filter
+and merge in one AVX2 pass over each block right after ``torch.mm`` (on torch's threads) wrote it, rows
+split over OpenMP threads; the block is sized to stay in cache (``query_chunk_size x chunk_size`` =
+512 x 2048 by default, 4 MB). On a 2-core CPU with ``d = 256`` and ``k = 100`` the selection costs
+well under a tenth of the matmul (``benchmarks/mining.py``). (Running one single-threaded ``torch.mm``
+per worker thread instead, so that each core filters what it computed, was measured slower: torch's
+own two-thread matmul of the same blocks is ~20% faster than two concurrent single-thread ones.)
+
+**Torch path** (CUDA tensors, float64, or when the C extension is not built): the same filter written
+with torch ops:
+
+1. One pass reduces the block to maxima of level-1 groups (``group_size`` columns) and those to
    maxima of level-2 groups (8 level-1 groups); only level-2 groups whose maximum beats ``t`` are
    opened, then only their level-1 groups that do, so a survivor costs ~16 looked-at values.
-3. Survivors are buffered and, every ``merge_every`` survivors per query, merged into the running list
+2. Survivors are buffered and, every ``merge_every`` survivors per query, merged into the running list
    by binary search (``torch.searchsorted``) and two scatters; a row-wise sort of ``(Q, k + m)`` scores
    would itself cost a third of the matmul.
 
-Block ``j`` has about ``k * chunk / seen`` survivors per query, ``k (1 + ln(N / chunk))`` in all. The
-first block has no threshold yet and uses a lower bound instead: the k-th largest level-1 maximum (at
-least ``k`` distinct scores reach it). On a 2-core CPU with ``d = 256`` and ``k = 100`` the selection
-costs roughly as much again as the matmul (the extra pass over each block is ~10% of it; the rest is
-the per-survivor torch-op work, a few hundred survivors per query), i.e. about 0.5-0.6 of the matmul
-rate instead of ~0.3 for per-block ``torch.topk``; see ``benchmarks/mining.py``. It gets closer to the
-matmul rate for smaller ``k`` or larger ``d``. The selection is many short parallel ops: on a shared or
-oversubscribed CPU run with ``OMP_WAIT_POLICY=PASSIVE`` (spinning OpenMP threads made it 5x slower).
+In both, the first block has no threshold yet and uses a lower bound instead: the k-th largest group
+maximum (at least ``k`` distinct scores reach it). The torch path reaches about 0.5 of the matmul rate
+on CPU (the per-survivor torch-op work dominates); on a shared or oversubscribed CPU run with
+``OMP_WAIT_POLICY=PASSIVE`` (spinning OpenMP threads made it 5x slower).
 
 Tie-breaking is deterministic: among equal scores the lower id comes first (a new score must be
 *strictly* above ``t`` to displace the running k-th entry, whose id is lower; buffered survivors are
@@ -49,6 +57,7 @@ from contrastive.index.base import (
     IndexInputError,
     atomic_write,
     check_dim,
+    check_finite,
     check_k,
     check_size,
     n_rows,
@@ -56,8 +65,22 @@ from contrastive.index.base import (
     write_sidecar,
 )
 
+try:  # the compiled filter (setup.py builds it; optional: without a C compiler the torch path is used)
+    from contrastive.index import _topk as _fused
+except ImportError:  # pragma: no cover - depends on the build
+    _fused = None
+
 NEG_INF = float("-inf")
 _LEVEL2 = 8  # level-1 groups per level-2 group in the threshold filter
+#: default block shapes: (query rows, database rows) per block for the fused CPU path and the torch path
+FUSED_BLOCK = (512, 2048)
+TORCH_BLOCK = (4096, 4096)
+_MAX_FUSED_IDS = 2**32 - 2  # the fused path packs ids into 32 bits
+
+
+def fused_available() -> bool:
+    """Whether the compiled CPU top-k filter is built (``CONTRASTIVE_EXACT_TORCH=1`` disables it)."""
+    return _fused is not None and os.environ.get("CONTRASTIVE_EXACT_TORCH", "0") != "1"
 
 
 def _check_pair(queries: Tensor, database: Tensor) -> None:
@@ -233,37 +256,105 @@ class _BlockTopK:
         self.threshold = self.values[:, k - 1 :]
 
 
+BACKENDS = ("auto", "fused", "torch")
+
+
 def exact_topk(
     queries: Tensor,
     database: Tensor,
     k: int,
-    chunk_size: int = 4096,
+    chunk_size: Optional[int] = None,
     query_chunk_size: Optional[int] = None,
     group_size: int = 8,
     merge_every: float = 16.0,
+    threads: Optional[int] = None,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Exact inner-product top-``k`` of every query over ``database``, chunked.
 
     Args:
-        queries: ``(Q, d)`` float tensor.
+        queries: ``(Q, d)`` float tensor with finite values.
         database: ``(N, d)`` float tensor on the same device (normalise both first for cosine).
         k: neighbours per query, ``1 <= k <= N``.
-        chunk_size: database rows per block (and query rows per block unless ``query_chunk_size``).
-        query_chunk_size: query rows per block; peak extra memory is about
-            ``query_chunk_size * chunk_size`` scores.
-        group_size: columns per group in the threshold filter (a tuning knob, not a semantic one).
-        merge_every: buffered survivors per query before they are merged into the running top-k
-            (a tuning knob: larger means fewer merges but a looser threshold in between).
+        chunk_size: database rows per block (default: 2048 on the fused CPU path, 4096 on the torch path).
+        query_chunk_size: query rows per block (default: 512 fused; ``chunk_size`` or 4096 torch). Peak
+            extra memory is about ``query_chunk_size * chunk_size`` scores per worker thread.
+        group_size: torch path only: columns per group in the threshold filter (a tuning knob).
+        merge_every: torch path only: buffered survivors per query before a merge (a tuning knob).
+        threads: fused path: OpenMP threads of the filter (default ``torch.get_num_threads()``).
+        backend: ``"fused"`` (compiled filter, float32 on CPU), ``"torch"``, or ``"auto"`` (fused when
+            it applies, else torch). Both return identical results.
 
     Returns:
         ``scores`` ``(Q, k)`` and ``ids`` ``(Q, k)`` int64 on the input device, best first; ties are
-        broken by lower id first.
+        broken by lower id first (as a stable descending sort of each full score row).
     """
     _check_pair(queries, database)
     n = database.shape[0]
     check_k(k, n, allow_fewer=False)
-    chunk = _check_chunk(chunk_size)
-    qchunk = _check_chunk(query_chunk_size if query_chunk_size is not None else chunk_size, "query_chunk_size")
+    if backend not in BACKENDS:
+        raise IndexInputError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    check_finite(queries, "queries")
+    check_finite(database, "database vectors")
+    fused_ok = fused_available() and queries.device.type == "cpu" and queries.dtype == torch.float32 and n <= _MAX_FUSED_IDS
+    if backend == "fused" and not fused_ok:
+        why = ("the C extension contrastive.index._topk is not built (reinstall with a C compiler)" if not fused_available()
+               else "it needs float32 CPU tensors and fewer than 2^32 database rows")
+        raise IndexInputError(f"backend='fused' is unavailable: {why}")
+    if backend == "torch" or not fused_ok:
+        qdef, cdef = TORCH_BLOCK
+        chunk = _check_chunk(chunk_size if chunk_size is not None else cdef)
+        qchunk = query_chunk_size if query_chunk_size is not None else (chunk_size if chunk_size is not None else qdef)
+        return _torch_topk(queries, database, k, chunk, _check_chunk(qchunk, "query_chunk_size"), group_size, merge_every)
+    qdef, cdef = FUSED_BLOCK
+    chunk = _check_chunk(chunk_size if chunk_size is not None else cdef)
+    qchunk = _check_chunk(query_chunk_size if query_chunk_size is not None else qdef, "query_chunk_size")
+    workers = _check_chunk(threads if threads is not None else torch.get_num_threads(), "threads")
+    return _fused_topk(queries.contiguous(), database.contiguous(), k, chunk, qchunk, workers)
+
+
+def _sort_rows(values: Tensor, ids: Tensor) -> None:
+    """Sort each row in place by (score desc, id asc)."""
+    ids_sorted, order = torch.sort(ids, dim=1)
+    vals, order2 = torch.sort(values.gather(1, order), dim=1, descending=True, stable=True)
+    values.copy_(vals)
+    ids.copy_(ids_sorted.gather(1, order2))
+
+
+def _fused_topk(queries: Tensor, database: Tensor, k: int, chunk: int, qchunk: int, threads: int) -> tuple[Tensor, Tensor]:
+    """The compiled path: per block, ``torch.mm`` (torch's threads) into one reused buffer, then the C
+    filter on ``threads`` OpenMP threads, each taking a contiguous share of the block's rows."""
+    assert _fused is not None
+    nq, n = queries.shape[0], database.shape[0]
+    out_v = torch.empty(nq, k, dtype=torch.float32)
+    out_i = torch.empty(nq, k, dtype=torch.int64)
+    if nq == 0:
+        return out_v, out_i
+    cap = max(k, 64)  # buffered survivors per query between merges (a merge costs O(k + cap))
+    qchunk = min(qchunk, nq)
+    buf = torch.empty(qchunk * min(chunk, n))
+    keys = torch.empty(qchunk, k + cap, dtype=torch.int64)  # packed (score, id) keys, see _topk.c
+    thr = torch.empty(qchunk)
+    cnt = torch.empty(qchunk, dtype=torch.int64)
+    for q0 in range(0, nq, qchunk):
+        q = queries[q0 : q0 + qchunk]
+        m = q.shape[0]
+        _fused.init(keys.data_ptr(), thr.data_ptr(), cnt.data_ptr(), m, k, cap)
+        for c0 in range(0, n, chunk):
+            db = database[c0 : c0 + chunk]
+            w = db.shape[0]
+            block = buf[: m * w].view(m, w)
+            torch.mm(q, db.T, out=block)
+            _fused.update(block.data_ptr(), m, w, w, c0, keys.data_ptr(), thr.data_ptr(), cnt.data_ptr(), k, cap, threads)
+        _fused.finish(keys.data_ptr(), cnt.data_ptr(), m, k, cap, out_v[q0].data_ptr(), out_i[q0].data_ptr(), k)
+    _sort_rows(out_v, out_i)
+    return out_v, out_i
+
+
+def _torch_topk(queries: Tensor, database: Tensor, k: int, chunk: int, qchunk: int, group_size: int,
+                merge_every: float) -> tuple[Tensor, Tensor]:
+    """The torch-op path (any device and float dtype); see the module doc."""
+    n = database.shape[0]
     group = _pow2_floor(_check_chunk(group_size, "group_size"))
     nq, d = queries.shape
     out_v = torch.empty(nq, k, device=queries.device, dtype=queries.dtype)
@@ -395,12 +486,11 @@ class ExactIndex(Index):
     Args:
         dim: vector size.
         metric: ``"ip"`` or ``"cosine"``.
-        chunk_size: database rows per block (and query rows, unless ``query_chunk_size``); peak search
-            memory is about ``query_chunk_size * chunk_size`` float32 scores (4096² → 64 MB), independent
-            of the index size.
+        chunk_size: database rows per block (default: :func:`exact_topk`'s, 2048 on the fused CPU path,
+            4096 on the torch path); peak search memory is about ``query_chunk_size * chunk_size`` float32
+            scores per worker thread, independent of the index size.
         device: where vectors live and scores are computed (``"cuda"`` uses CUDA tensors); CPU if None.
-        query_chunk_size: query rows per block (default ``chunk_size``). Wide, short blocks
-            (e.g. 1024 x 16384) filter a little faster on CPU: fewer survivors in the first blocks.
+        query_chunk_size: query rows per block (default: :func:`exact_topk`'s).
 
     Vectors are kept as float32 ``(N, dim)``; :meth:`search` returns CPU tensors.
     """
@@ -411,21 +501,23 @@ class ExactIndex(Index):
         self,
         dim: int,
         metric: str = "ip",
-        chunk_size: int = 4096,
+        chunk_size: Optional[int] = None,
         device: Optional[Union[str, torch.device]] = None,
         query_chunk_size: Optional[int] = None,
     ) -> None:
         super().__init__(dim, metric)
-        self.chunk_size = _check_chunk(chunk_size)
-        self.query_chunk_size = _check_chunk(query_chunk_size, "query_chunk_size") if query_chunk_size else chunk_size
+        self.chunk_size = _check_chunk(chunk_size) if chunk_size is not None else None
+        self.query_chunk_size = (_check_chunk(query_chunk_size, "query_chunk_size") if query_chunk_size is not None
+                                 else None)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._parts: list[Tensor] = []
         self._size = 0
 
     def add(self, x: ArrayLike) -> None:
         n = n_rows(x, "added vectors")
-        for start in range(0, n, self.chunk_size):
-            part = x[start : start + self.chunk_size] if x.ndim == 2 else x
+        step = self.chunk_size or TORCH_BLOCK[1]
+        for start in range(0, n, step):
+            part = x[start : start + step] if x.ndim == 2 else x
             t = self._prepare(part, "added vectors", self.device, offset=self._size)
             self._parts.append(t)
             self._size += t.shape[0]
@@ -478,7 +570,7 @@ class ExactIndex(Index):
         check_dim(path, vectors.shape[1], int(meta["dim"]))
         check_size(path, vectors.shape[0], meta)
         kwargs: dict[str, Any] = {
-            "chunk_size": int(meta.get("chunk_size", 4096)),
+            "chunk_size": meta.get("chunk_size"),
             "query_chunk_size": meta.get("query_chunk_size"),
             **overrides,
         }
