@@ -105,18 +105,21 @@ def test_exact_ties_lower_id_first(chunk_size: int, backend: str) -> None:
         (300, 5000, 100, 2048, 64),  # first block wide enough for the group-maximum floor; merges mid-block
         (257, 4099, 7, 512, 100),  # ragged last blocks
         (64, 150, 150, 64, 64),  # k = N, every block narrower than 2k
-        (3, 1000, 40, 4096, 512),  # fewer queries than a worker's share
+        (3, 1000, 40, 4096, 512),  # too few queries for worker threads: one thread, rows over OpenMP
+        (1000, 3000, 50, 1000, None),  # worker threads with the default query chunk
         (200, 3000, 1, 1, 7),  # one-column blocks
     ],
 )
 def test_fused_topk_matches_stable_sort(nq: int, n: int, k: int, chunk: int, qchunk: int, threads: int) -> None:
-    """The compiled filter (rows split over 1-3 threads, buffered merges) against the full stable sort,
-    values and ids bit for bit, with many exact ties (duplicated database rows)."""
+    """The compiled filter (one thread; worker threads that own query chunks; buffered merges) against
+    the full stable sort, values and ids bit for bit, with many exact ties (duplicated database rows)."""
     g = torch.Generator().manual_seed(nq + n + k)
     x = torch.randn(n, 16, generator=g)
     x[n // 2 : n // 2 + n // 5] = x[: n // 5]  # exact duplicates: equal scores, the lower id must win
     q = torch.randn(nq, 16, generator=g)
+    before = torch.get_num_threads()
     vals, ids = exact_topk(q, x, k, chunk_size=chunk, query_chunk_size=qchunk, threads=threads, backend="fused")
+    assert torch.get_num_threads() == before  # the worker threads' single-thread setting is undone
     ref_v, ref_i = reference_topk(q, x, k)
     assert torch.equal(ids, ref_i)
     torch.testing.assert_close(vals, ref_v, atol=1e-5, rtol=1e-5)

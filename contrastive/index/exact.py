@@ -15,12 +15,15 @@ similarity search with GPUs", arXiv:1702.08734): each query row keeps a running 
 ``k (1 + ln(N / chunk))`` in all, which are buffered and merged in batches.
 
 **Fused CPU path** (float32 on CPU, the default there): ``contrastive/index/_topk.c`` does the filter
-and merge in one AVX2 pass over each block right after ``torch.mm`` (on torch's threads) wrote it, rows
-split over OpenMP threads; the block is sized to stay in cache (``query_chunk_size x chunk_size`` =
-512 x 2048 by default, 4 MB). On a 2-core CPU with ``d = 256`` and ``k = 100`` the selection costs
-well under a tenth of the matmul (``benchmarks/mining.py``). (Running one single-threaded ``torch.mm``
-per worker thread instead, so that each core filters what it computed, was measured slower: torch's
-own two-thread matmul of the same blocks is ~20% faster than two concurrent single-thread ones.)
+and merge in one AVX2 pass over each block right after ``torch.mm`` wrote it. With several threads
+(``torch.get_num_threads()``) and enough queries, one worker thread per core owns whole query chunks
+and runs a single-threaded ``torch.mm`` per block (``query_chunk_size x chunk_size`` = 1024 x 2048 by
+default, 8 MB) into its own buffer, then filters it, so each block is filtered by the core that
+computed it (on the quiet 2-core machine: 0.87-0.90 of the matmul rate, against 0.85 for one
+two-thread ``torch.mm`` per block followed by the filter on both cores). While such a search runs,
+``torch.set_num_threads(1)`` is in effect process-wide (restored after; concurrent searches are
+serialised). With few queries, one ``torch.mm`` on torch's threads per 512 x 2048 block, then the
+filter with its rows split over OpenMP threads. The filter costs about a tenth of the matmul.
 
 **Torch path** (CUDA tensors, float64, or when the C extension is not built): the same filter written
 with torch ops:
@@ -45,6 +48,8 @@ identical to a stable descending sort of each full score row, which is what the 
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Union
 
 import torch
@@ -73,9 +78,12 @@ except ImportError:  # pragma: no cover - depends on the build
 NEG_INF = float("-inf")
 _LEVEL2 = 8  # level-1 groups per level-2 group in the threshold filter
 #: default block shapes: (query rows, database rows) per block for the fused CPU path and the torch path
-FUSED_BLOCK = (512, 2048)
+FUSED_BLOCK = (1024, 2048)  # per worker thread (8 MB of scores each)
+FUSED_INLINE_BLOCK = (512, 2048)  # one thread of work at a time: torch.mm on all threads, then the filter
 TORCH_BLOCK = (4096, 4096)
+_MIN_WORKER_ROWS = 64  # fewer query rows per worker than this: use the inline schedule
 _MAX_FUSED_IDS = 2**32 - 2  # the fused path packs ids into 32 bits
+_THREADS_LOCK = threading.Lock()  # torch's thread count is process-wide: one worker-thread search at a time
 
 
 def fused_available() -> bool:
@@ -277,11 +285,12 @@ def exact_topk(
         database: ``(N, d)`` float tensor on the same device (normalise both first for cosine).
         k: neighbours per query, ``1 <= k <= N``.
         chunk_size: database rows per block (default: 2048 on the fused CPU path, 4096 on the torch path).
-        query_chunk_size: query rows per block (default: 512 fused; ``chunk_size`` or 4096 torch). Peak
-            extra memory is about ``query_chunk_size * chunk_size`` scores per worker thread.
+        query_chunk_size: query rows per block (default: 1024 fused with worker threads, 512 with one;
+            ``chunk_size`` or 4096 torch). Peak extra memory is about ``query_chunk_size * chunk_size``
+            scores per worker thread.
         group_size: torch path only: columns per group in the threshold filter (a tuning knob).
         merge_every: torch path only: buffered survivors per query before a merge (a tuning knob).
-        threads: fused path: OpenMP threads of the filter (default ``torch.get_num_threads()``).
+        threads: fused path: worker threads (default ``torch.get_num_threads()``); see the module doc.
         backend: ``"fused"`` (compiled filter, float32 on CPU), ``"torch"``, or ``"auto"`` (fused when
             it applies, else torch). Both return identical results.
 
@@ -306,9 +315,8 @@ def exact_topk(
         chunk = _check_chunk(chunk_size if chunk_size is not None else cdef)
         qchunk = query_chunk_size if query_chunk_size is not None else (chunk_size if chunk_size is not None else qdef)
         return _torch_topk(queries, database, k, chunk, _check_chunk(qchunk, "query_chunk_size"), group_size, merge_every)
-    qdef, cdef = FUSED_BLOCK
-    chunk = _check_chunk(chunk_size if chunk_size is not None else cdef)
-    qchunk = _check_chunk(query_chunk_size if query_chunk_size is not None else qdef, "query_chunk_size")
+    chunk = _check_chunk(chunk_size) if chunk_size is not None else None
+    qchunk = _check_chunk(query_chunk_size, "query_chunk_size") if query_chunk_size is not None else None
     workers = _check_chunk(threads if threads is not None else torch.get_num_threads(), "threads")
     return _fused_topk(queries.contiguous(), database.contiguous(), k, chunk, qchunk, workers)
 
@@ -321,9 +329,12 @@ def _sort_rows(values: Tensor, ids: Tensor) -> None:
     ids.copy_(ids_sorted.gather(1, order2))
 
 
-def _fused_topk(queries: Tensor, database: Tensor, k: int, chunk: int, qchunk: int, threads: int) -> tuple[Tensor, Tensor]:
-    """The compiled path: per block, ``torch.mm`` (torch's threads) into one reused buffer, then the C
-    filter on ``threads`` OpenMP threads, each taking a contiguous share of the block's rows."""
+def _fused_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int], qchunk: Optional[int],
+                threads: int) -> tuple[Tensor, Tensor]:
+    """The compiled path. With several threads and enough queries, each worker thread owns whole query
+    chunks and runs a single-threaded ``torch.mm`` per block into its own buffer, then filters it (the
+    block is filtered by the core that computed it); otherwise one ``torch.mm`` on torch's threads per
+    block, then the filter with its rows split over ``threads`` OpenMP threads."""
     assert _fused is not None
     nq, n = queries.shape[0], database.shape[0]
     out_v = torch.empty(nq, k, dtype=torch.float32)
@@ -331,23 +342,53 @@ def _fused_topk(queries: Tensor, database: Tensor, k: int, chunk: int, qchunk: i
     if nq == 0:
         return out_v, out_i
     cap = max(k, 64)  # buffered survivors per query between merges (a merge costs O(k + cap))
-    qchunk = min(qchunk, nq)
-    buf = torch.empty(qchunk * min(chunk, n))
-    keys = torch.empty(qchunk, k + cap, dtype=torch.int64)  # packed (score, id) keys, see _topk.c
-    thr = torch.empty(qchunk)
-    cnt = torch.empty(qchunk, dtype=torch.int64)
-    for q0 in range(0, nq, qchunk):
-        q = queries[q0 : q0 + qchunk]
-        m = q.shape[0]
-        _fused.init(keys.data_ptr(), thr.data_ptr(), cnt.data_ptr(), m, k, cap)
-        for c0 in range(0, n, chunk):
-            db = database[c0 : c0 + chunk]
-            w = db.shape[0]
-            block = buf[: m * w].view(m, w)
-            torch.mm(q, db.T, out=block)
-            _fused.update(block.data_ptr(), m, w, w, c0, keys.data_ptr(), thr.data_ptr(), cnt.data_ptr(), k, cap, threads)
-        _fused.finish(keys.data_ptr(), cnt.data_ptr(), m, k, cap, out_v[q0].data_ptr(), out_i[q0].data_ptr(), k)
-    _sort_rows(out_v, out_i)
+    workers = min(threads, nq // _MIN_WORKER_ROWS)
+    if workers > 1:
+        rows = min(qchunk or FUSED_BLOCK[0], -(-nq // workers))
+        width = chunk or FUSED_BLOCK[1]
+        filter_threads = 1
+    else:
+        rows, width = qchunk or FUSED_INLINE_BLOCK[0], chunk or FUSED_INLINE_BLOCK[1]
+        filter_threads = threads
+    rows = min(rows, nq)
+    starts = iter(range(0, nq, rows))
+    take = threading.Lock()
+
+    def work() -> None:
+        buf = torch.empty(rows * min(width, n))
+        keys = torch.empty(rows, k + cap, dtype=torch.int64)  # packed (score, id) keys, see _topk.c
+        thr = torch.empty(rows)
+        cnt = torch.empty(rows, dtype=torch.int64)
+        while True:
+            with take:
+                q0 = next(starts, None)
+            if q0 is None:
+                return
+            q = queries[q0 : q0 + rows]
+            m = q.shape[0]
+            _fused.init(keys.data_ptr(), thr.data_ptr(), cnt.data_ptr(), m, k, cap)
+            for c0 in range(0, n, width):
+                db = database[c0 : c0 + width]
+                w = db.shape[0]
+                block = buf[: m * w].view(m, w)
+                torch.mm(q, db.T, out=block)
+                _fused.update(block.data_ptr(), m, w, w, c0, keys.data_ptr(), thr.data_ptr(), cnt.data_ptr(), k, cap,
+                              filter_threads)
+            _fused.finish(keys.data_ptr(), cnt.data_ptr(), m, k, cap, out_v[q0].data_ptr(), out_i[q0].data_ptr(), k)
+            _sort_rows(out_v[q0 : q0 + m], out_i[q0 : q0 + m])
+
+    if workers <= 1:
+        work()
+        return out_v, out_i
+    with _THREADS_LOCK:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="exact-topk") as pool:
+                for f in [pool.submit(work) for _ in range(workers)]:
+                    f.result()
+        finally:
+            torch.set_num_threads(before)
     return out_v, out_i
 
 
@@ -486,9 +527,9 @@ class ExactIndex(Index):
     Args:
         dim: vector size.
         metric: ``"ip"`` or ``"cosine"``.
-        chunk_size: database rows per block (default: :func:`exact_topk`'s, 2048 on the fused CPU path,
-            4096 on the torch path); peak search memory is about ``query_chunk_size * chunk_size`` float32
-            scores per worker thread, independent of the index size.
+        chunk_size: database rows per block (default: :func:`exact_topk`'s); peak search memory is about
+            ``query_chunk_size * chunk_size`` float32 scores per worker thread, independent of the index
+            size.
         device: where vectors live and scores are computed (``"cuda"`` uses CUDA tensors); CPU if None.
         query_chunk_size: query rows per block (default: :func:`exact_topk`'s).
 
