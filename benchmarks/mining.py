@@ -241,7 +241,7 @@ def run_n(n: int, args: argparse.Namespace) -> list[Row]:
 
     ref = PairedReference(d, args.threads)
 
-    def exact_sliced(backend: str) -> tuple[torch.Tensor, float, float]:
+    def exact_sliced(backend: str) -> tuple[torch.Tensor, float, int]:
         """The search in ``--slices`` query slices, each between two reference matmuls; returns
         (ids, seconds, peak RSS increase)."""
         ids, seconds, peak = [], 0.0, 0

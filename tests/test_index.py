@@ -410,3 +410,20 @@ def test_faiss_gpu_flat_and_k_fallback() -> None:
     assert (index.search(q, 10)[1] == exact.search(q, 10)[1]).float().mean() > 0.99
     _, ids = index.search(q, 3000)  # above the 2048 GPU limit: CPU copy
     assert torch.equal(ids[:, :10], exact.search(q, 10)[1])
+
+
+def test_check_finite_row_sum_shortcut_matches_elementwise() -> None:
+    """check_finite screens rows by their sum: finite rows whose sum overflows must pass, and every row
+    holding NaN or inf must be reported, as an element-wise torch.isfinite check would."""
+    from contrastive.index.base import check_finite
+
+    x = torch.randn(50, 6)
+    x[3] = 3e38  # finite, but the row sum overflows to inf
+    x[7, 1] = -3e38
+    x[7, 2] = -3e38
+    check_finite(x, "vectors")  # no error: every value is finite
+    x[11, 4], x[20, 0], x[20, 1] = float("nan"), float("inf"), float("-inf")  # inf + -inf sums to NaN
+    expected = (~torch.isfinite(x)).any(dim=1).nonzero().flatten().tolist()
+    assert expected == [11, 20]
+    with pytest.raises(IndexInputError, match=r"rows \[111, 120\]"):
+        check_finite(x, "vectors", offset=100)

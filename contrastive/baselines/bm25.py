@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from contrastive.index.exact import sort_by_score_then_id
 from contrastive.metrics.retrieval import CSNDistractors, metrics_from_ranks
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,7 @@ def _topk_lower_id_first(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     vals, ids = torch.topk(scores, k, dim=1)
     kth = vals[:, -1:]
     boundary_tie = (scores >= kth).sum(dim=1) > k
-    # order the selected entries by (score desc, id asc)
-    ids, order = torch.sort(ids, dim=1)
-    vals = vals.gather(1, order)
-    vals, order = torch.sort(vals, dim=1, descending=True, stable=True)
-    ids = ids.gather(1, order)
+    vals, ids = sort_by_score_then_id(vals, ids)
     rows = boundary_tie.nonzero().flatten()
     if rows.numel():  # ties straddle the k-th place: the lowest tied ids must win
         v, i = torch.sort(scores[rows], dim=1, descending=True, stable=True)

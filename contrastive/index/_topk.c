@@ -96,31 +96,6 @@ static uint64_t select_top_u64(uint64_t* a, int64_t n, int64_t k) {
     return a[want];
 }
 
-/* Same for floats (may repeat): the k-th largest of x[0:n], x reordered. */
-static float select_top_f32(float* a, int64_t n, int64_t k) {
-    int64_t lo = 0, hi = n, want = k - 1;
-    while (hi - lo > 1) {
-        int64_t mid = lo + ((hi - lo) >> 1), last = hi - 1;
-        float pivot = a[mid];
-        a[mid] = a[last];
-        a[last] = pivot;
-        int64_t store = lo;
-        for (int64_t i = lo; i < last; i++) {
-            float e = a[i];
-            int64_t gt = e > pivot;
-            a[i] = a[store];
-            a[store] = e;
-            store += gt;
-        }
-        a[last] = a[store];
-        a[store] = pivot;
-        if (store == want) break;
-        if (store > want) hi = store;
-        else lo = store + 1;
-    }
-    return a[want];
-}
-
 /* Merge cnt buffered keys into the running top-k; returns the new k-th best score. */
 static float merge(uint64_t* rk, int64_t k, int64_t cnt) {
     uint64_t kth = select_top_u64(rk, k + cnt, k);
@@ -128,7 +103,7 @@ static float merge(uint64_t* rk, int64_t k, int64_t cnt) {
 }
 
 /* Lower bound of the k-th best score of row[0:width] from strided group maxima (needs width >= 2k). */
-static float first_block_floor(const float* row, int64_t width, int64_t k, float* scratch) {
+static float first_block_floor(const float* row, int64_t width, int64_t k, float* scratch, uint64_t* keys) {
     int64_t g = 1;
     while (width / (2 * g) >= 2 * k) g *= 2; /* n1 = width / g stays >= 2k */
     int64_t n1 = width / g;
@@ -137,7 +112,8 @@ static float first_block_floor(const float* row, int64_t width, int64_t k, float
         const float* seg = row + s * n1;
         for (int64_t j = 0; j < n1; j++) scratch[j] = seg[j] > scratch[j] ? seg[j] : scratch[j];
     }
-    return select_top_f32(scratch, n1, k);
+    for (int64_t j = 0; j < n1; j++) keys[j] = make_key(scratch[j], j); /* distinct keys: no quickselect on ties */
+    return key_value(select_top_u64(keys, n1, k));
 }
 
 #define PUSH(v, id)                                          \
@@ -192,7 +168,7 @@ static void scan_avx2(const float* row, int64_t width, int64_t offset, uint64_t*
 static int use_avx2 = -1;
 
 static void update_rows(const float* block, int64_t rows, int64_t width, int64_t ld, int64_t offset, uint64_t* keys,
-                        float* thr, int64_t* cnt, int64_t k, int64_t cap, float* scratch) {
+                        float* thr, int64_t* cnt, int64_t k, int64_t cap, float* scratch, uint64_t* scratch_keys) {
     for (int64_t r = 0; r < rows; r++) {
         const float* row = block + r * ld;
         uint64_t* rk = keys + r * (k + cap);
@@ -200,7 +176,7 @@ static void update_rows(const float* block, int64_t rows, int64_t width, int64_t
         int64_t c = cnt[r];
         int first = isinf(t) && t < 0;
         if (first && width >= 2 * k) /* ">= floor" as "> the float just below it" */
-            t = nextafterf(first_block_floor(row, width, k, scratch), -INFINITY);
+            t = nextafterf(first_block_floor(row, width, k, scratch, scratch_keys), -INFINITY);
 #ifdef TOPK_X86
         if (use_avx2) scan_avx2(row, width, offset, rk, k, cap, &t, &c);
         else
@@ -231,13 +207,15 @@ static int update_parallel(const float* block, int64_t rows, int64_t width, int6
         nt = omp_get_num_threads();
 #endif
         int64_t lo = rows * t / nt, hi = rows * (t + 1) / nt;
-        float* scratch = (float*)malloc((size_t)(width > 0 ? width : 1) * sizeof(float));
-        if (!scratch) failed = 1;
-        else {
+        size_t slots = (size_t)(width > 0 ? width : 1);
+        float* scratch = (float*)malloc(slots * sizeof(float));
+        uint64_t* scratch_keys = (uint64_t*)malloc(slots * sizeof(uint64_t));
+        if (!scratch || !scratch_keys) failed = 1;
+        else
             update_rows(block + lo * ld, hi - lo, width, ld, offset, keys + lo * (k + cap), thr + lo, cnt + lo, k, cap,
-                        scratch);
-            free(scratch);
-        }
+                        scratch, scratch_keys);
+        free(scratch);
+        free(scratch_keys);
     }
     return failed;
 }

@@ -321,12 +321,11 @@ def exact_topk(
     return _fused_topk(queries.contiguous(), database.contiguous(), k, chunk, qchunk, workers)
 
 
-def _sort_rows(values: Tensor, ids: Tensor) -> None:
-    """Sort each row in place by (score desc, id asc)."""
-    ids_sorted, order = torch.sort(ids, dim=1)
-    vals, order2 = torch.sort(values.gather(1, order), dim=1, descending=True, stable=True)
-    values.copy_(vals)
-    ids.copy_(ids_sorted.gather(1, order2))
+def sort_by_score_then_id(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``(values, ids)`` ``(q, m)`` with each row reordered by (score desc, id asc)."""
+    ids, order = torch.sort(ids, dim=1)
+    values, order = torch.sort(values.gather(1, order), dim=1, descending=True, stable=True)
+    return values, ids.gather(1, order)
 
 
 def _fused_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int], qchunk: Optional[int],
@@ -375,7 +374,8 @@ def _fused_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int],
                 _fused.update(block.data_ptr(), m, w, w, c0, keys.data_ptr(), thr.data_ptr(), cnt.data_ptr(), k, cap,
                               filter_threads)
             _fused.finish(keys.data_ptr(), cnt.data_ptr(), m, k, cap, out_v[q0].data_ptr(), out_i[q0].data_ptr(), k)
-            _sort_rows(out_v[q0 : q0 + m], out_i[q0 : q0 + m])
+            v, i = sort_by_score_then_id(out_v[q0 : q0 + m], out_i[q0 : q0 + m])
+            out_v[q0 : q0 + m], out_i[q0 : q0 + m] = v, i
 
     if workers <= 1:
         work()
