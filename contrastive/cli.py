@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import platform
 import re
 import sys
 from pathlib import Path
@@ -155,7 +156,7 @@ def evaluate(job: Job, trainer: Any, ckpt: Optional[str]) -> dict[str, Any]:
     trainer.test(job.model, datamodule=job.datamodule, ckpt_path=ckpt, verbose=False)
     model_m = {k.split("/", 1)[1]: v for k, v in job.model.last_metrics.items() if k.startswith("test/")}
     rows = {"model": model_m}
-    results: dict[str, Any] = {"test": model_m, "checkpoint": ckpt}
+    results: dict[str, Any] = {"test": model_m, "checkpoint": ckpt, "device": device_info(trainer)}
     if (job.cfg.get("eval") or {}).get("bm25_baseline", True) and trainer.is_global_zero:
         bm = bm25_baseline_for(job.datamodule)
         if bm is not None:
@@ -166,6 +167,17 @@ def evaluate(job: Job, trainer: Any, ckpt: Optional[str]) -> dict[str, Any]:
         print(format_table(rows, REPORT_KEYS))
         save_results(job.run_dir, results)
     return results
+
+
+def device_info(trainer: Any) -> dict[str, Any]:
+    """Where the run trained and tested (recorded in ``results.json``, since speed and float rounding
+    depend on it): device type, its name, and the torch and CUDA versions."""
+    import torch
+
+    dev = trainer.strategy.root_device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
+    return {"type": dev.type, "name": name, "count": int(trainer.num_devices), "torch": torch.__version__,
+            "cuda": torch.version.cuda if dev.type == "cuda" else None}
 
 
 def bm25_baseline_for(datamodule: Any) -> Optional[dict[str, float]]:

@@ -135,6 +135,25 @@ def test_bm25_mines_the_lexical_neighbour():
     assert s.table.header["sampler"]["name"] == "bm25"
 
 
+def test_bm25_top_k_runs_in_numpy_never_jax(monkeypatch):
+    """bm25s' default backend runs the top-k in JAX when JAX is installed, and JAX's first GPU op takes
+    75% of the GPU's memory (on a GPU machine every later torch CUDA allocation failed); the scorer must
+    pick the numpy backend."""
+    import bm25s
+
+    calls = []
+    real = bm25s.BM25.retrieve
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("backend_selection"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(bm25s.BM25, "retrieve", spy)
+    s = BM25NegativeSampler(num_negatives=1, sampling="top", fill_random=False)
+    s.setup(BM25_Q, BM25_D, torch.arange(8), torch.arange(8))
+    assert calls and set(calls) == {"numpy"}
+
+
 def test_bm25_excludes_duplicates_and_reports_them_before():
     groups = torch.arange(8)
     groups[5] = 0  # the descending sort is a known duplicate of the ascending one

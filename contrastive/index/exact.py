@@ -81,6 +81,11 @@ _LEVEL2 = 8  # level-1 groups per level-2 group in the threshold filter
 FUSED_BLOCK = (1024, 2048)  # per worker thread (8 MB of scores each)
 FUSED_INLINE_BLOCK = (512, 2048)  # one thread of work at a time: torch.mm on all threads, then the filter
 TORCH_BLOCK = (4096, 4096)
+#: torch path on CUDA: large blocks, so that the filter's per-block kernel launches and host syncs (the
+#: survivor counts) are small next to the block's matmul (512 MB of float32 scores; see
+#: benchmarks/mining_cuda.py for the measured choice)
+CUDA_BLOCK = (8192, 16384)
+PRECISIONS = ("highest", "high", "medium")
 _MIN_WORKER_ROWS = 64  # fewer query rows per worker than this: use the inline schedule
 _MAX_FUSED_IDS = 2**32 - 2  # the fused path packs ids into 32 bits
 _THREADS_LOCK = threading.Lock()  # torch's thread count is process-wide: one worker-thread search at a time
@@ -117,6 +122,46 @@ def _take(x: Tensor, index: Tensor) -> Tensor:
 
 def _pow2_floor(x: int) -> int:
     return 1 << (max(1, x).bit_length() - 1)
+
+
+class _Float32MatmulPrecision:
+    """Set ``torch.set_float32_matmul_precision`` for a block and restore it after.
+
+    An exact index must compute float32 scores in float32: Lightning advises
+    ``torch.set_float32_matmul_precision("high")`` on GPUs with tensor cores, which makes CUDA float32
+    matmuls TF32 (10-bit mantissa, relative error ~1e-3), enough to reorder near-ties and change mined
+    negatives and ranks. The setting is process-wide; it is restored on exit.
+    """
+
+    def __init__(self, precision: str) -> None:
+        if precision not in PRECISIONS:
+            raise IndexInputError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+        self.precision = precision
+        self.before = ""
+
+    def __enter__(self) -> None:
+        self.before = torch.get_float32_matmul_precision()
+        if self.before != self.precision:
+            torch.set_float32_matmul_precision(self.precision)
+
+    def __exit__(self, *exc: Any) -> None:
+        if torch.get_float32_matmul_precision() != self.before:
+            torch.set_float32_matmul_precision(self.before)
+
+
+def resolve_device(device: Optional[Union[str, torch.device]]) -> torch.device:
+    """``"auto"`` → the current CUDA device when CUDA is available, else CPU; ``None`` → CPU."""
+    if device is None:
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise IndexInputError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise IndexInputError(f"device={device!r}, but torch sees no CUDA device (use device='auto' to fall back to CPU)")
+    return dev
 
 
 class _BlockTopK:
@@ -277,6 +322,7 @@ def exact_topk(
     merge_every: float = 16.0,
     threads: Optional[int] = None,
     backend: str = "auto",
+    precision: str = "highest",
 ) -> tuple[Tensor, Tensor]:
     """Exact inner-product top-``k`` of every query over ``database``, chunked.
 
@@ -284,15 +330,20 @@ def exact_topk(
         queries: ``(Q, d)`` float tensor with finite values.
         database: ``(N, d)`` float tensor on the same device (normalise both first for cosine).
         k: neighbours per query, ``1 <= k <= N``.
-        chunk_size: database rows per block (default: 2048 on the fused CPU path, 4096 on the torch path).
+        chunk_size: database rows per block (default: 2048 on the fused CPU path, 4096 on the torch path
+            on CPU, 16384 on CUDA).
         query_chunk_size: query rows per block (default: 1024 fused with worker threads, 512 with one;
-            ``chunk_size`` or 4096 torch). Peak extra memory is about ``query_chunk_size * chunk_size``
-            scores per worker thread.
+            ``chunk_size`` or 4096 torch on CPU; 8192 on CUDA). Peak extra memory is about
+            ``query_chunk_size * chunk_size`` scores per worker thread.
         group_size: torch path only: columns per group in the threshold filter (a tuning knob).
         merge_every: torch path only: buffered survivors per query before a merge (a tuning knob).
         threads: fused path: worker threads (default ``torch.get_num_threads()``); see the module doc.
         backend: ``"fused"`` (compiled filter, float32 on CPU), ``"torch"``, or ``"auto"`` (fused when
             it applies, else torch). Both return identical results.
+        precision: float32 matmul precision during the search (``torch.set_float32_matmul_precision``,
+            restored after): ``"highest"`` (default) computes float32 scores in float32 even when the
+            process allows TF32; ``"high"`` lets CUDA use TF32 tensor cores (several times faster on
+            Ampere and later, but scores carry ~1e-3 relative error, so near-ties may reorder).
 
     Returns:
         ``scores`` ``(Q, k)`` and ``ids`` ``(Q, k)`` int64 on the input device, best first; ties are
@@ -310,15 +361,18 @@ def exact_topk(
         why = ("the C extension contrastive.index._topk is not built (reinstall with a C compiler)" if not fused_available()
                else "it needs float32 CPU tensors and fewer than 2^32 database rows")
         raise IndexInputError(f"backend='fused' is unavailable: {why}")
-    if backend == "torch" or not fused_ok:
-        qdef, cdef = TORCH_BLOCK
-        chunk = _check_chunk(chunk_size if chunk_size is not None else cdef)
-        qchunk = query_chunk_size if query_chunk_size is not None else (chunk_size if chunk_size is not None else qdef)
-        return _torch_topk(queries, database, k, chunk, _check_chunk(qchunk, "query_chunk_size"), group_size, merge_every)
-    chunk = _check_chunk(chunk_size) if chunk_size is not None else None
-    qchunk = _check_chunk(query_chunk_size, "query_chunk_size") if query_chunk_size is not None else None
-    workers = _check_chunk(threads if threads is not None else torch.get_num_threads(), "threads")
-    return _fused_topk(queries.contiguous(), database.contiguous(), k, chunk, qchunk, workers)
+    with _Float32MatmulPrecision(precision):
+        if backend == "torch" or not fused_ok:
+            qdef, cdef = CUDA_BLOCK if queries.device.type == "cuda" else TORCH_BLOCK
+            chunk = _check_chunk(chunk_size if chunk_size is not None else cdef)
+            qchunk = query_chunk_size if query_chunk_size is not None else (
+                chunk_size if chunk_size is not None else qdef)
+            return _torch_topk(queries, database, k, chunk, _check_chunk(qchunk, "query_chunk_size"), group_size,
+                               merge_every)
+        chunk = _check_chunk(chunk_size) if chunk_size is not None else None
+        qchunk = _check_chunk(query_chunk_size, "query_chunk_size") if query_chunk_size is not None else None
+        workers = _check_chunk(threads if threads is not None else torch.get_num_threads(), "threads")
+        return _fused_topk(queries.contiguous(), database.contiguous(), k, chunk, qchunk, workers)
 
 
 def sort_by_score_then_id(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -437,6 +491,7 @@ def rank_of(
     chunk_size: int = 4096,
     ties: str = "pessimistic",
     tie_rtol: float = 1e-5,
+    precision: str = "highest",
 ) -> Tensor:
     """1-based rank of ``database[target_ids[i]]`` among all database rows for query ``i`` (inner product).
 
@@ -455,11 +510,12 @@ def rank_of(
             Rows in the target's group, other than the target, are left out of the ranking (known
             false negatives), giving the "filtered" rank.
         chunk_size: block size over queries and database; memory is ``O(chunk_size**2)``.
+        precision: float32 matmul precision (see :func:`exact_topk`); ``"highest"`` by default.
 
     Returns:
         ``(Q,)`` int64 ranks in ``1..N`` (filtered ranks when ``dup_group`` is given).
     """
-    raw, filtered = rank_pair(queries, database, target_ids, dup_group, chunk_size, ties, tie_rtol)
+    raw, filtered = rank_pair(queries, database, target_ids, dup_group, chunk_size, ties, tie_rtol, precision)
     return raw if filtered is None else filtered
 
 
@@ -471,8 +527,16 @@ def rank_pair(
     chunk_size: int = 4096,
     ties: str = "pessimistic",
     tie_rtol: float = 1e-5,
+    precision: str = "highest",
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """``(raw ranks, filtered ranks or None)`` of :func:`rank_of` in one pass over the score matrix."""
+    """``(raw ranks, filtered ranks or None)`` of :func:`rank_of` in one pass over the score matrix
+    (float32 scores in float32 unless ``precision`` says otherwise, as in :func:`exact_topk`)."""
+    with _Float32MatmulPrecision(precision):
+        return _rank_pair(queries, database, target_ids, dup_group, chunk_size, ties, tie_rtol)
+
+
+def _rank_pair(queries: Tensor, database: Tensor, target_ids: Tensor, dup_group: Optional[Tensor], chunk_size: int,
+               ties: str, tie_rtol: float) -> tuple[Tensor, Optional[Tensor]]:
     _check_pair(queries, database)
     if ties not in TIES:
         raise IndexInputError(f"ties must be one of {TIES}; got {ties!r}")
@@ -530,8 +594,12 @@ class ExactIndex(Index):
         chunk_size: database rows per block (default: :func:`exact_topk`'s); peak search memory is about
             ``query_chunk_size * chunk_size`` float32 scores per worker thread, independent of the index
             size.
-        device: where vectors live and scores are computed (``"cuda"`` uses CUDA tensors); CPU if None.
+        device: where vectors live and scores are computed: ``"auto"`` (default: the current CUDA device
+            when torch sees one, else CPU, like :class:`FaissIndex`'s ``use_gpu="auto"``), ``"cpu"``,
+            ``"cuda"`` or ``"cuda:N"`` (an error when CUDA is unavailable); ``None`` means CPU.
         query_chunk_size: query rows per block (default: :func:`exact_topk`'s).
+        precision: float32 matmul precision of searches (see :func:`exact_topk`): ``"highest"`` keeps
+            results exact when the process allows TF32; ``"high"`` trades that for TF32 speed on CUDA.
 
     Vectors are kept as float32 ``(N, dim)``; :meth:`search` returns CPU tensors.
     """
@@ -543,14 +611,18 @@ class ExactIndex(Index):
         dim: int,
         metric: str = "ip",
         chunk_size: Optional[int] = None,
-        device: Optional[Union[str, torch.device]] = None,
+        device: Optional[Union[str, torch.device]] = "auto",
         query_chunk_size: Optional[int] = None,
+        precision: str = "highest",
     ) -> None:
         super().__init__(dim, metric)
+        if precision not in PRECISIONS:
+            raise IndexInputError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+        self.precision = precision
         self.chunk_size = _check_chunk(chunk_size) if chunk_size is not None else None
         self.query_chunk_size = (_check_chunk(query_chunk_size, "query_chunk_size") if query_chunk_size is not None
                                  else None)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = resolve_device(device)
         self._parts: list[Tensor] = []
         self._size = 0
 
@@ -574,7 +646,7 @@ class ExactIndex(Index):
     def search(self, queries: ArrayLike, k: int, allow_fewer: bool = False) -> tuple[Tensor, Tensor]:
         k = check_k(k, len(self), allow_fewer)
         q = self._prepare(queries, "queries", self.device)
-        scores, ids = exact_topk(q, self.vectors, k, self.chunk_size, self.query_chunk_size)
+        scores, ids = exact_topk(q, self.vectors, k, self.chunk_size, self.query_chunk_size, precision=self.precision)
         return scores.cpu(), ids.cpu()
 
     def __len__(self) -> int:
@@ -596,6 +668,7 @@ class ExactIndex(Index):
                 "size": len(self),
                 "chunk_size": self.chunk_size,
                 "query_chunk_size": self.query_chunk_size,
+                "precision": self.precision,
             },
         )
 
@@ -613,6 +686,7 @@ class ExactIndex(Index):
         kwargs: dict[str, Any] = {
             "chunk_size": meta.get("chunk_size"),
             "query_chunk_size": meta.get("query_chunk_size"),
+            "precision": meta.get("precision", "highest"),
             **overrides,
         }
         index = cls(int(meta["dim"]), meta["metric"], **kwargs)

@@ -70,7 +70,11 @@ class BM25Scorer:
         """Top-``k`` documents of each query: ``(scores (Q, k) float32, ids (Q, k) long)``, best first."""
         k = min(int(k), self.num_docs)
         toks = [code_tokens(q) or ["\0"] for q in queries]
-        ids, scores = self.retriever.retrieve(toks, k=k, show_progress=False)
+        # backend "numpy", not bm25s' default "auto": "auto" runs the top-k in JAX when JAX is installed,
+        # and JAX's first GPU op preallocates 75% of the GPU's memory (seen on an H200: two test processes
+        # held 105 GB and 27 GB and every torch CUDA allocation after that failed); numpy also keeps the
+        # selection, and so the mined table, the same on every machine.
+        ids, scores = self.retriever.retrieve(toks, k=k, show_progress=False, backend_selection="numpy")
         return torch.from_numpy(np.asarray(scores, dtype=np.float32)), torch.from_numpy(np.asarray(ids, dtype=np.int64))
 
     def pair_scores(self, queries: Sequence[str], doc_ids: Sequence[int]) -> Tensor:
