@@ -15,8 +15,10 @@ the one that runs on CUDA: blocked ``torch.mm`` + threshold filter + merge) with
   float32 rounding.
 
 Also timed, for reference: ``mm+topk`` (``torch.topk`` per block, merged by a second ``topk``: the
-obvious GPU implementation, without the lower-id-first tie order), and ``exact_topk`` with
-``precision="high"`` (TF32 tensor cores: faster, not exact) against the TF32 matmul rate.
+obvious GPU implementation, without the lower-id-first tie order), ``exact_topk`` with
+``precision="high"`` (TF32 tensor cores: faster, not exact) against the TF32 matmul rate, and FAISS'
+``GpuIndexFlatIP`` through :class:`~contrastive.index.FaissIndex` when a GPU build of FAISS is installed
+(its matmul reference is a float32 ``(16384, d) @ (d, 65536)`` block).
 
 Large ``N``: ``--queries Q`` times ``Q`` queries against all ``N`` rows and extrapolates the all-pairs time
 (printed as such); default: all queries up to 100k, 131072 above.
@@ -39,8 +41,17 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from contrastive.index import exact_topk  # noqa: E402
-from contrastive.index.exact import CUDA_BLOCK, _Float32MatmulPrecision  # noqa: E402
+from contrastive.index import FaissIndex, exact_topk  # noqa: E402
+from contrastive.index.exact import CUDA_BLOCKS, _Float32MatmulPrecision, cuda_block  # noqa: E402
+
+
+def faiss_gpus() -> int:
+    try:
+        from contrastive.index import faiss_num_gpus
+
+        return faiss_num_gpus()
+    except ImportError:
+        return 0
 
 
 def cuda_time(fn: Callable[[], object], repeats: int = 1) -> float:
@@ -109,13 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--blocks", type=parse_block, nargs="+",
-                   default=[(4096, 4096), CUDA_BLOCK, (16384, 16384), (8192, 65536)],
-                   help="block shapes query_rows x database_rows to time (the first listed default is the CPU "
-                        f"torch path's, {CUDA_BLOCK[0]}x{CUDA_BLOCK[1]} is the CUDA default)")
+                   default=[(8192, 16384), (8192, 32768), (8192, 65536), (16384, 65536), (4096, 131072)],
+                   help="block shapes query_rows x database_rows to time (exact_topk picks one of "
+                        f"{', '.join(f'{r}x{c}' for r, c in CUDA_BLOCKS)} by free memory)")
     p.add_argument("--queries", type=int, default=-1, help="time this many queries and extrapolate (0: all; -1: auto)")
     p.add_argument("--check", type=int, default=256, help="queries checked against a float64 reference")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True, help="also time mm+topk")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="also time precision='high'")
+    p.add_argument("--faiss", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time FAISS' GPU flat index (when faiss-gpu is installed; queries and results go "
+                        "through host memory, as FaissIndex.search does)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -157,10 +171,18 @@ def main(argv: list[str] | None = None) -> int:
         exact_topk(q[:512], x, args.k)  # warm-up (kernels, allocator)
         for block in args.blocks:
             run("exact_topk", lambda b=block: exact_topk(q, x, args.k, chunk_size=b[1], query_chunk_size=b[0])[1], block)
+        default = cuda_block(x.device)
+        run("exact_topk (default)", lambda: exact_topk(q, x, args.k)[1], default)
         if args.tf32:
-            run("exact_topk tf32", lambda: exact_topk(q, x, args.k, precision="high")[1], CUDA_BLOCK, "high")
+            run("exact_topk tf32", lambda: exact_topk(q, x, args.k, precision="high")[1], default, "high")
         if args.baseline:
-            run("mm+topk", lambda: mm_topk(q, x, args.k, *CUDA_BLOCK), CUDA_BLOCK)
+            run("mm+topk", lambda: mm_topk(q, x, args.k, 8192, 16384), (8192, 16384))
+        if args.faiss and faiss_gpus() > 0:
+            index = FaissIndex(args.dim, "ip", kind="flat", use_gpu=True, search_chunk_size=16384)
+            index.add(x.cpu())
+            index.search(q[:256].cpu(), args.k)  # clones the index to the GPU
+            run("faiss GpuIndexFlatIP", lambda: index.search(q.cpu(), args.k)[1].cuda(), (16384, min(n, 65536)))
+            del index
         del x, q
         torch.cuda.empty_cache()
 

@@ -154,6 +154,28 @@ def test_bm25_top_k_runs_in_numpy_never_jax(monkeypatch):
     assert calls and set(calls) == {"numpy"}
 
 
+def test_bm25s_import_keeps_jax_off_the_gpu():
+    """bm25s runs a JAX op at import when JAX is installed; on a GPU machine that made JAX take 75% of the
+    GPU. import_bm25s sets JAX to CPU without preallocation first, as defaults the environment overrides,
+    and every bm25s import in the library goes through it."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from contrastive.baselines.bm25 import import_bm25s; import_bm25s(); "
+            "print(os.environ['JAX_PLATFORMS'], os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'], 'bm25s' in sys.modules)")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("JAX_PLATFORMS", "XLA_PYTHON_CLIENT_PREALLOCATE")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["cpu", "false", "True"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "JAX_PLATFORMS": "cuda"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split()[0] == "cuda"  # the user's choice wins
+    root = Path(__file__).resolve().parents[1]
+    imports = {str(p.relative_to(root)): p.read_text().count("import bm25s")
+               for d in ("contrastive", "datamodules", "notebooks", "benchmarks") for p in (root / d).rglob("*.py")}
+    assert {f: n for f, n in imports.items() if n} == {"contrastive/baselines/bm25.py": 1}, \
+        "import bm25s only through contrastive.baselines.bm25.import_bm25s"
+
+
 def test_bm25_excludes_duplicates_and_reports_them_before():
     groups = torch.arange(8)
     groups[5] = 0  # the descending sort is a known duplicate of the ascending one

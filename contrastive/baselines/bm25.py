@@ -20,8 +20,10 @@ which returns the dense ``(N,)`` score vector), using bm25s' default "lucene" BM
 from __future__ import annotations
 
 import logging
+import os
 import re
-from typing import Optional, Sequence
+import sys
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +36,25 @@ log = logging.getLogger(__name__)
 
 _IDENT = re.compile(r"[A-Za-z0-9_]+")
 _PART = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
+
+
+def import_bm25s() -> Any:
+    """Import ``bm25s`` without letting it take the GPU.
+
+    When JAX is installed, ``bm25s`` runs a JAX top-k at import time (``bm25s/selection.py``), which starts
+    JAX's default backend: on a GPU machine, JAX then preallocates 75% of the GPU's memory for the rest of
+    the process (seen on an H200: one process held 107 GB, and every torch CUDA allocation of the other
+    processes failed). This library only uses bm25s' numpy top-k, so when the process has not imported
+    JAX yet, ``JAX_PLATFORMS=cpu`` and ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` are set first, as
+    defaults: values already in the environment win, and a process that started JAX itself is left
+    alone. Every import of ``bm25s`` in the library goes through here.
+    """
+    if "jax" not in sys.modules:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import bm25s  # noqa: PLC0415  (optional heavy import, on first use)
+
+    return bm25s
 
 
 def code_tokens(text: str) -> list[str]:
@@ -97,7 +118,7 @@ class BM25Retriever:
 
     def fit(self, docs: Sequence[str]) -> "BM25Retriever":
         """Index ``docs`` (ids ``0..N-1`` in order)."""
-        import bm25s
+        bm25s = import_bm25s()
 
         if len(docs) == 0:
             raise ValueError("BM25Retriever.fit needs at least one document")

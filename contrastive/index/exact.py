@@ -81,10 +81,12 @@ _LEVEL2 = 8  # level-1 groups per level-2 group in the threshold filter
 FUSED_BLOCK = (1024, 2048)  # per worker thread (8 MB of scores each)
 FUSED_INLINE_BLOCK = (512, 2048)  # one thread of work at a time: torch.mm on all threads, then the filter
 TORCH_BLOCK = (4096, 4096)
-#: torch path on CUDA: large blocks, so that the filter's per-block kernel launches and host syncs (the
-#: survivor counts) are small next to the block's matmul (512 MB of float32 scores; see
-#: benchmarks/mining_cuda.py for the measured choice)
-CUDA_BLOCK = (8192, 16384)
+#: torch path on CUDA, largest first: big blocks, so that the filter's per-block kernel launches and host
+#: syncs (survivor counts) are small next to the block's matmul. The first whose score buffer (with the
+#: filter's temporaries, ~1.5x) fits in an eighth of the free GPU memory is used. Measured on an H200
+#: (benchmarks/mining_cuda.py, N = 1M, d = 256, k = 100): 0.79 / 0.73 / 0.55-0.59 / 0.21 of the float32
+#: matmul rate, with 5.6 / 2.9 / 1.1 / 0.4 GB of peak extra GPU memory.
+CUDA_BLOCKS = ((16384, 65536), (8192, 65536), (8192, 16384), (4096, 4096))
 PRECISIONS = ("highest", "high", "medium")
 _MIN_WORKER_ROWS = 64  # fewer query rows per worker than this: use the inline schedule
 _MAX_FUSED_IDS = 2**32 - 2  # the fused path packs ids into 32 bits
@@ -147,6 +149,15 @@ class _Float32MatmulPrecision:
     def __exit__(self, *exc: Any) -> None:
         if torch.get_float32_matmul_precision() != self.before:
             torch.set_float32_matmul_precision(self.before)
+
+
+def cuda_block(device: torch.device) -> tuple[int, int]:
+    """Default ``(query rows, database rows)`` per block on a CUDA ``device`` (see :data:`CUDA_BLOCKS`)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    for rows, cols in CUDA_BLOCKS:
+        if 1.5 * rows * cols * 4 <= free / 8:
+            return rows, cols
+    return CUDA_BLOCKS[-1]
 
 
 def resolve_device(device: Optional[Union[str, torch.device]]) -> torch.device:
@@ -331,10 +342,10 @@ def exact_topk(
         database: ``(N, d)`` float tensor on the same device (normalise both first for cosine).
         k: neighbours per query, ``1 <= k <= N``.
         chunk_size: database rows per block (default: 2048 on the fused CPU path, 4096 on the torch path
-            on CPU, 16384 on CUDA).
+            on CPU; on CUDA 65536, or 16384 or 4096 when free GPU memory is short, see :func:`cuda_block`).
         query_chunk_size: query rows per block (default: 1024 fused with worker threads, 512 with one;
-            ``chunk_size`` or 4096 torch on CPU; 8192 on CUDA). Peak extra memory is about
-            ``query_chunk_size * chunk_size`` scores per worker thread.
+            ``chunk_size`` or 4096 torch on CPU; 16384 or 8192 on CUDA, 4096 with the smallest block). Peak extra
+            memory is about ``query_chunk_size * chunk_size`` scores per worker thread (x1.4 on CUDA).
         group_size: torch path only: columns per group in the threshold filter (a tuning knob).
         merge_every: torch path only: buffered survivors per query before a merge (a tuning knob).
         threads: fused path: worker threads (default ``torch.get_num_threads()``); see the module doc.
@@ -363,7 +374,7 @@ def exact_topk(
         raise IndexInputError(f"backend='fused' is unavailable: {why}")
     with _Float32MatmulPrecision(precision):
         if backend == "torch" or not fused_ok:
-            qdef, cdef = CUDA_BLOCK if queries.device.type == "cuda" else TORCH_BLOCK
+            qdef, cdef = cuda_block(queries.device) if queries.device.type == "cuda" else TORCH_BLOCK
             chunk = _check_chunk(chunk_size if chunk_size is not None else cdef)
             qchunk = query_chunk_size if query_chunk_size is not None else (
                 chunk_size if chunk_size is not None else qdef)

@@ -17,6 +17,9 @@ Behaviour worth knowing
   results slightly, cf. FlagEmbedding #779). The CPU index stays the source of truth: adds go to it and
   the GPU copy is re-cloned lazily on the next search; ``save`` writes it. ``use_gpu=True`` without a
   GPU (or with ``kind="hnsw"``, which FAISS cannot run on GPU) raises; ``"auto"`` falls back to CPU.
+  All indexes of a process share one ``StandardGpuResources`` per GPU (:func:`gpu_resources`): each
+  resources object reserves its own scratch memory (1.5 GB on a GPU with more than 8 GB), so one per
+  index, re-created at every refresh, multiplies that reservation (FAISS' own advice is to share them).
 - **k above the GPU limit.** FAISS' GPU k-selection supports ``k <= 2048`` (flat and IVF; a register
   budget, faiss #2103/#1384). For larger ``k`` this index **searches its CPU copy** instead and logs a
   warning once, rather than failing (as sentence-transformers' miner did, PR #3904).
@@ -61,6 +64,22 @@ def import_faiss() -> Any:
     except ImportError as e:
         raise ImportError("FAISS is not installed: pip install 'contrastive[cpu]' (or [gpu])") from e
     return faiss
+
+
+_GPU_RESOURCES: dict[tuple[int, int], Any] = {}
+
+
+def gpu_resources(device: int, slot: int = 0) -> Any:
+    """The process's ``faiss.StandardGpuResources`` number ``slot`` for GPU ``device``, created on first use
+    and shared by every :class:`FaissIndex` (FAISS resources objects are meant to be shared; each one
+    holds its own cuBLAS handle, streams and scratch reservation). Shards of one index get distinct
+    slots even on the same GPU: ``IndexShards`` searches them from concurrent threads, and a resources
+    object is not thread-safe."""
+    key = (int(device), int(slot))
+    res = _GPU_RESOURCES.get(key)
+    if res is None:
+        res = _GPU_RESOURCES[key] = import_faiss().StandardGpuResources()
+    return res
 
 
 def faiss_num_gpus() -> int:
@@ -286,17 +305,16 @@ class FaissIndex(Index):
         if self._gpu is None:
             faiss = self._faiss
             ids = self.gpu_ids or [0]
+            self._gpu_resources = [gpu_resources(g, ids[:j].count(g)) for j, g in enumerate(ids)]
             if len(ids) == 1:
-                res = faiss.StandardGpuResources()
                 co = faiss.GpuClonerOptions()
                 co.useFloat16 = self.float16
-                self._gpu_resources = [res]
-                self._gpu = faiss.index_cpu_to_gpu(res, ids[0], self._cpu, co)
+                self._gpu = faiss.index_cpu_to_gpu(self._gpu_resources[0], ids[0], self._cpu, co)
             else:
                 co = faiss.GpuMultipleClonerOptions()
                 co.shard = True
                 co.useFloat16 = self.float16
-                self._gpu = faiss.index_cpu_to_gpus_list(self._cpu, co=co, gpus=ids)
+                self._gpu = faiss.index_cpu_to_gpu_multiple_py(self._gpu_resources, self._cpu, co=co, gpus=ids)
         return self._gpu
 
     def _set_search_params(self, index: Any, k: int) -> None:

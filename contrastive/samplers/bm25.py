@@ -59,8 +59,9 @@ class BM25Scorer:
     """
 
     def __init__(self, documents: Sequence[str], k1: float = 1.5, b: float = 0.75) -> None:
-        import bm25s
+        from contrastive.baselines.bm25 import import_bm25s
 
+        bm25s = import_bm25s()
         self.num_docs = len(documents)
         tokens = [code_tokens(d) for d in documents]
         self.retriever = bm25s.BM25(k1=k1, b=b)
@@ -70,10 +71,9 @@ class BM25Scorer:
         """Top-``k`` documents of each query: ``(scores (Q, k) float32, ids (Q, k) long)``, best first."""
         k = min(int(k), self.num_docs)
         toks = [code_tokens(q) or ["\0"] for q in queries]
-        # backend "numpy", not bm25s' default "auto": "auto" runs the top-k in JAX when JAX is installed,
-        # and JAX's first GPU op preallocates 75% of the GPU's memory (seen on an H200: two test processes
-        # held 105 GB and 27 GB and every torch CUDA allocation after that failed); numpy also keeps the
-        # selection, and so the mined table, the same on every machine.
+        # backend "numpy", not bm25s' default "auto", which runs the top-k in JAX when JAX is installed
+        # (see import_bm25s for what JAX does to the GPU); numpy also keeps the selection, and so the mined
+        # table, the same on every machine.
         ids, scores = self.retriever.retrieve(toks, k=k, show_progress=False, backend_selection="numpy")
         return torch.from_numpy(np.asarray(scores, dtype=np.float32)), torch.from_numpy(np.asarray(ids, dtype=np.int64))
 
