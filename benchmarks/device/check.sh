@@ -4,6 +4,13 @@
 #   .whl/  wheels of the missing pure-Python dependencies (omegaconf, antlr4, bm25s, open_clip_torch, ...)
 #   .fg/fg.tar.xz  optional: the faiss-gpu wheel (CUDA 12) unpacked, with nvidia-cuda-runtime-cu12's lib/,
 #          made usable over the machine's cuBLAS 13 by faiss_gpu_env.sh; without it, a faiss-cpu wheel in .whl/
+# Preparing them (here, with pip and network; both folders are git-ignored, 64 MiB in all travel):
+#   P="--only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64"
+#   pip download --no-deps $P -d .whl omegaconf bm25s open_clip_torch ftfy wcwidth
+#   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.13.2
+#   pip download --no-deps $P -d /tmp/w faiss-gpu==1.15.1 'nvidia-cuda-runtime-cu12>=12.6,<13'
+#   (unzip both into /tmp/fg; keep faiss/, faiss_gpu.libs/, nvidia/cuda_runtime/lib/libcudart.so.12)
+#   tar cf - -C /tmp/fg faiss faiss_gpu.libs nvidia | xz -9 -T2 > .fg/fg.tar.xz   # 58 MB
 # Steps (each with its own time limit; a failing step does not stop the next):
 #   0. FAISS on the GPU (tests/test_faiss_gpu.py), in its own process
 #   1. the tests marked `gpu` (CUDA vs CPU/float64 references, GradCache on the CUDA RNG, a CLI fit that
