@@ -341,6 +341,56 @@ def test_faiss_gpu_k_limit_falls_back_to_cpu(caplog) -> None:
     assert torch.equal(ids, reference_topk(q, x, 11)[1])
 
 
+def test_gpu_resources_shared_per_gpu_and_shard_with_temp_memory(monkeypatch) -> None:
+    """The GPU cloning is mocked (a fake faiss module around the real one): indexes share one resources
+    object per (GPU, shard slot, temp memory); shards on one GPU get distinct ones; temp memory is set."""
+    import types
+
+    import contrastive.index.faiss_index as fi
+
+    real = import_faiss()
+    made, clones = [], []
+
+    class FakeResources:
+        def __init__(self) -> None:
+            self.temp = None
+            made.append(self)
+
+        def setTempMemory(self, n: int) -> None:
+            self.temp = n
+
+    def to_gpu(res, device, index, co):
+        clones.append(([res], [device], co.useFloat16))
+        return index
+
+    def to_gpus(resources, index, co=None, gpus=None):
+        clones.append((list(resources), list(gpus), co.useFloat16))
+        return index
+
+    fake = types.SimpleNamespace(get_num_gpus=lambda: 2, StandardGpuResources=FakeResources,
+                                 GpuClonerOptions=lambda: types.SimpleNamespace(useFloat16=False),
+                                 GpuMultipleClonerOptions=lambda: types.SimpleNamespace(useFloat16=False, shard=False),
+                                 index_cpu_to_gpu=to_gpu, index_cpu_to_gpu_multiple_py=to_gpus)
+    for name in ("IndexFlatIP", "METRIC_INNER_PRODUCT"):
+        setattr(fake, name, getattr(real, name))
+    monkeypatch.setattr(fi, "import_faiss", lambda: fake)
+    monkeypatch.setattr(fi, "_GPU_RESOURCES", {})
+    x = torch.randn(50, 8)
+    a, b = FaissIndex(8, use_gpu=True), FaissIndex(8, use_gpu=True, float16=True)
+    sharded = FaissIndex(8, use_gpu=True, gpu_ids=[1, 1, 0])
+    small = FaissIndex(8, use_gpu=True, gpu_temp_memory=256 << 20)
+    for index in (a, b, sharded, small):
+        index.add(x)
+        index.search(x[:2], 3)
+    assert a._gpu_resources[0] is b._gpu_resources[0] and clones[1][2] is True  # shared; fp16 passed on
+    r = sharded._gpu_resources
+    assert clones[2][1] == [1, 1, 0] and r[0] is not r[1] and r[2] is a._gpu_resources[0]
+    assert small._gpu_resources[0] is not a._gpu_resources[0] and small._gpu_resources[0].temp == 256 << 20
+    assert len(made) == 4 and a._gpu_resources[0].temp is None
+    with pytest.raises(IndexInputError, match="gpu_temp_memory"):
+        FaissIndex(8, use_gpu=True, gpu_temp_memory=-1)
+
+
 def test_use_gpu_true_without_gpu_raises() -> None:
     if import_faiss().get_num_gpus() > 0:
         pytest.skip("a GPU is present")

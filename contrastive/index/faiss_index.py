@@ -66,19 +66,25 @@ def import_faiss() -> Any:
     return faiss
 
 
-_GPU_RESOURCES: dict[tuple[int, int], Any] = {}
+_GPU_RESOURCES: dict[tuple[int, int, Optional[int]], Any] = {}
 
 
-def gpu_resources(device: int, slot: int = 0) -> Any:
+def gpu_resources(device: int, slot: int = 0, temp_memory: Optional[int] = None) -> Any:
     """The process's ``faiss.StandardGpuResources`` number ``slot`` for GPU ``device``, created on first use
     and shared by every :class:`FaissIndex` (FAISS resources objects are meant to be shared; each one
     holds its own cuBLAS handle, streams and scratch reservation). Shards of one index get distinct
     slots even on the same GPU: ``IndexShards`` searches them from concurrent threads, and a resources
-    object is not thread-safe."""
-    key = (int(device), int(slot))
+    object is not thread-safe. ``temp_memory`` (bytes) sets the scratch reservation
+    (``setTempMemory``; FAISS' default is 1.5 GB on a GPU with more than 8 GB, which PML users hit as
+    out-of-memory errors during evaluation, PML #353/#566); resources with different settings are
+    separate objects."""
+    key = (int(device), int(slot), None if temp_memory is None else int(temp_memory))
     res = _GPU_RESOURCES.get(key)
     if res is None:
-        res = _GPU_RESOURCES[key] = import_faiss().StandardGpuResources()
+        res = import_faiss().StandardGpuResources()
+        if temp_memory is not None:
+            res.setTempMemory(int(temp_memory))
+        _GPU_RESOURCES[key] = res
     return res
 
 
@@ -108,6 +114,8 @@ class FaissIndex(Index):
         use_gpu: ``True`` (GPU required), ``False``, or ``"auto"`` (GPU when FAISS sees one).
         gpu_ids: GPUs to use; several shard the index across them. Default: GPU 0 only.
         float16: store vectors (flat/IVF-Flat) or lookup tables (IVF-PQ) in fp16 on GPU.
+        gpu_temp_memory: bytes of GPU scratch memory FAISS reserves per GPU resources object (default:
+            FAISS', 1.5 GB on GPUs above 8 GB); lower it when GPU memory is tight. See :func:`gpu_resources`.
         add_chunk_size: vectors validated, normalised and added per FAISS call.
         search_chunk_size: queries per FAISS search call (bounds the ``(chunk, k)`` result buffers and
             FAISS' temporary memory).
@@ -134,6 +142,7 @@ class FaissIndex(Index):
         use_gpu: Union[bool, str] = "auto",
         gpu_ids: Optional[Sequence[int]] = None,
         float16: bool = False,
+        gpu_temp_memory: Optional[int] = None,
         add_chunk_size: int = 65536,
         search_chunk_size: int = 16384,
         train_size: Optional[int] = None,
@@ -170,6 +179,10 @@ class FaissIndex(Index):
         self.use_gpu = use_gpu
         self.gpu_ids = list(gpu_ids) if gpu_ids is not None else None
         self.float16 = float16
+        if gpu_temp_memory is not None and (isinstance(gpu_temp_memory, bool) or not isinstance(gpu_temp_memory, int)
+                                            or gpu_temp_memory < 0):
+            raise IndexInputError(f"gpu_temp_memory must be a number of bytes >= 0 or None; got {gpu_temp_memory!r}")
+        self.gpu_temp_memory = gpu_temp_memory
         self.add_chunk_size = add_chunk_size
         self.search_chunk_size = search_chunk_size
         self.train_size = train_size if train_size is not None else 256 * nlist
@@ -305,7 +318,7 @@ class FaissIndex(Index):
         if self._gpu is None:
             faiss = self._faiss
             ids = self.gpu_ids or [0]
-            self._gpu_resources = [gpu_resources(g, ids[:j].count(g)) for j, g in enumerate(ids)]
+            self._gpu_resources = [gpu_resources(g, ids[:j].count(g), self.gpu_temp_memory) for j, g in enumerate(ids)]
             if len(ids) == 1:
                 co = faiss.GpuClonerOptions()
                 co.useFloat16 = self.float16
