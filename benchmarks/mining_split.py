@@ -44,7 +44,7 @@ def run(x: torch.Tensor, nq: int, rows: int, width: int, k: int, mode: str, work
     mm_t, filt_t = [0.0] * workers, [0.0] * workers
     starts, lock = iter(range(0, nq, rows)), threading.Lock()
 
-    def work(w: int) -> None:
+    def work(w: int) -> None:  # contrastive.index.exact._fused_topk's worker loop, with timers around each stage
         buf = torch.empty(rows * width)
         keys = torch.empty(rows, k + cap, dtype=torch.int64)
         thr, cnt = torch.empty(rows), torch.empty(rows, dtype=torch.int64)
