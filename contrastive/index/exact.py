@@ -126,6 +126,12 @@ def _pow2_floor(x: int) -> int:
     return 1 << (max(1, x).bit_length() - 1)
 
 
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise IndexInputError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    return precision
+
+
 class _Float32MatmulPrecision:
     """Set ``torch.set_float32_matmul_precision`` for a block and restore it after.
 
@@ -136,9 +142,7 @@ class _Float32MatmulPrecision:
     """
 
     def __init__(self, precision: str) -> None:
-        if precision not in PRECISIONS:
-            raise IndexInputError(f"precision must be one of {PRECISIONS}; got {precision!r}")
-        self.precision = precision
+        self.precision = _check_precision(precision)
         self.before = ""
 
     def __enter__(self) -> None:
@@ -627,9 +631,7 @@ class ExactIndex(Index):
         precision: str = "highest",
     ) -> None:
         super().__init__(dim, metric)
-        if precision not in PRECISIONS:
-            raise IndexInputError(f"precision must be one of {PRECISIONS}; got {precision!r}")
-        self.precision = precision
+        self.precision = _check_precision(precision)
         self.chunk_size = _check_chunk(chunk_size) if chunk_size is not None else None
         self.query_chunk_size = (_check_chunk(query_chunk_size, "query_chunk_size") if query_chunk_size is not None
                                  else None)
