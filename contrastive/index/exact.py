@@ -15,15 +15,24 @@ similarity search with GPUs", arXiv:1702.08734): each query row keeps a running 
 ``k (1 + ln(N / chunk))`` in all, which are buffered and merged in batches.
 
 **Fused CPU path** (float32 on CPU, the default there): ``contrastive/index/_topk.c`` does the filter
-and merge in one AVX2 pass over each block right after ``torch.mm`` wrote it. With several threads
-(``torch.get_num_threads()``) and enough queries, one worker thread per core owns whole query chunks
-and runs a single-threaded ``torch.mm`` per block (``query_chunk_size x chunk_size`` = 1024 x 2048 by
-default, 8 MB) into its own buffer, then filters it, so each block is filtered by the core that
-computed it (on the quiet 2-core machine: 0.87-0.90 of the matmul rate, against 0.85 for one
-two-thread ``torch.mm`` per block followed by the filter on both cores). While such a search runs,
-``torch.set_num_threads(1)`` is in effect process-wide (restored after; concurrent searches are
-serialised). With few queries, one ``torch.mm`` on torch's threads per 512 x 2048 block, then the
-filter with its rows split over OpenMP threads. The filter costs about a tenth of the matmul.
+and merge in one SIMD pass (AVX-512 or AVX2) over each score block right after the matmul wrote it. Three
+schedules, picked by :func:`exact_topk`:
+
+- **Packed** (many queries, torch built with MKL, as its x86 wheels are): MKL's packed GEMM
+  (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``, found in the loaded ``libtorch_cpu``) packs the
+  database once per search and each query chunk once, after which small blocks (``256 x 512`` scores,
+  512 KB) run at the full matmul rate, and the filter reads each block while it is still in the core's
+  L2 cache. One worker thread per core owns whole query chunks; MKL runs single-threaded inside each
+  (``mkl_set_num_threads_local``, nothing process-wide changes). Costs one packed copy of the database
+  (``N x d`` floats) for the duration of the search. Measured on the 2-core machine at ``N = 100k``,
+  ``d = 256``, ``k = 100``: 0.9-0.97 of the machine's matmul rate (``benchmarks/mining.py``).
+- **Worker threads** (many queries, no packed GEMM): each worker runs a single-threaded ``torch.mm``
+  per ``1024 x 2048`` block (8 MB) into its own buffer, then filters it. A block that size must come
+  back from L3 or memory, so the filter costs about a tenth of the matmul (0.85-0.88 of the rate).
+  While it runs, ``torch.set_num_threads(1)`` is in effect process-wide (restored after; such searches
+  are serialised).
+- **Inline** (few queries): one ``torch.mm`` on torch's threads per ``512 x 2048`` block, then the
+  filter with its rows split over OpenMP threads.
 
 **Torch path** (CUDA tensors, float64, or when the C extension is not built): the same filter written
 with torch ops:
@@ -78,6 +87,9 @@ except ImportError:  # pragma: no cover - depends on the build
 NEG_INF = float("-inf")
 _LEVEL2 = 8  # level-1 groups per level-2 group in the threshold filter
 #: default block shapes: (query rows, database rows) per block for the fused CPU path and the torch path
+PACKED_BLOCK = (128, 512)  # per worker thread, packed GEMM (256 KB of scores each: stays in L2)
+PACKED_GROUP = 8  # database pieces packed together; each query sub-chunk meets all of them in a row
+PACKED_CHUNK = 4096  # query rows per call of the packed schedule: each packed database piece serves all of them
 FUSED_BLOCK = (1024, 2048)  # per worker thread (8 MB of scores each)
 FUSED_INLINE_BLOCK = (512, 2048)  # one thread of work at a time: torch.mm on all threads, then the filter
 TORCH_BLOCK = (4096, 4096)
@@ -89,6 +101,8 @@ TORCH_BLOCK = (4096, 4096)
 CUDA_BLOCKS = ((16384, 65536), (8192, 65536), (8192, 16384), (4096, 4096))
 PRECISIONS = ("highest", "high", "medium")
 _MIN_WORKER_ROWS = 64  # fewer query rows per worker than this: use the inline schedule
+#: fewer queries than this: not the packed schedule (packing the database, one copy of it, would not pay)
+PACKED_MIN_QUERIES = 1024
 _MAX_FUSED_IDS = 2**32 - 2  # the fused path packs ids into 32 bits
 _THREADS_LOCK = threading.Lock()  # torch's thread count is process-wide: one worker-thread search at a time
 
@@ -96,6 +110,51 @@ _THREADS_LOCK = threading.Lock()  # torch's thread count is process-wide: one wo
 def fused_available() -> bool:
     """Whether the compiled CPU top-k filter is built (``CONTRASTIVE_EXACT_TORCH=1`` disables it)."""
     return _fused is not None and os.environ.get("CONTRASTIVE_EXACT_TORCH", "0") != "1"
+
+
+_BLAS_NAMES = (
+    ("cblas_sgemm_pack_get_size",),
+    ("cblas_sgemm_pack",),
+    ("cblas_sgemm_compute",),
+    ("MKL_Set_Num_Threads_Local", "mkl_set_num_threads_local", "MKL_SET_NUM_THREADS_LOCAL"),
+)
+_packed_state: dict[str, bool] = {}
+
+
+def _find_packed_gemm() -> bool:
+    """Look MKL's packed-GEMM functions up in the loaded ``libtorch_cpu`` (torch's x86 wheels link MKL
+    statically and export them) and hand their addresses to the C extension; False when absent."""
+    import ctypes
+    import glob
+
+    if _fused is None:
+        return False
+    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for path in sorted(glob.glob(os.path.join(libdir, "libtorch_cpu.*"))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        found = []
+        for names in _BLAS_NAMES:
+            fn = next((getattr(lib, name) for name in names if hasattr(lib, name)), None)
+            if fn is None:
+                break
+            found.append(ctypes.cast(fn, ctypes.c_void_p).value)
+        if len(found) == len(_BLAS_NAMES):
+            _fused.set_blas(*found)
+            return True
+    return False
+
+
+def packed_available() -> bool:
+    """Whether the fused path can use the packed-GEMM schedule (MKL found in torch;
+    ``CONTRASTIVE_EXACT_PACKED=0`` disables it)."""
+    if not fused_available() or os.environ.get("CONTRASTIVE_EXACT_PACKED", "1") == "0":
+        return False
+    if "ok" not in _packed_state:
+        _packed_state["ok"] = _find_packed_gemm()
+    return _packed_state["ok"]
 
 
 def _check_pair(queries: Tensor, database: Tensor) -> None:
@@ -345,11 +404,14 @@ def exact_topk(
         queries: ``(Q, d)`` float tensor with finite values.
         database: ``(N, d)`` float tensor on the same device (normalise both first for cosine).
         k: neighbours per query, ``1 <= k <= N``.
-        chunk_size: database rows per block (default: 2048 on the fused CPU path, 4096 on the torch path
-            on CPU; on CUDA 65536, or 16384 or 4096 when free GPU memory is short, see :func:`cuda_block`).
-        query_chunk_size: query rows per block (default: 1024 fused with worker threads, 512 with one;
-            ``chunk_size`` or 4096 torch on CPU; 16384 or 8192 on CUDA, 4096 with the smallest block). Peak extra
-            memory is about ``query_chunk_size * chunk_size`` scores per worker thread (x1.4 on CUDA).
+        chunk_size: database rows per block (default: 512 on the fused CPU path's packed schedule, 2048 on
+            its others, 4096 on the torch path on CPU; on CUDA 65536, or 16384 or 4096 when free GPU memory
+            is short, see :func:`cuda_block`).
+        query_chunk_size: query rows per block (default on the fused path: 256 packed, 1024 with worker
+            threads, 512 inline; ``chunk_size`` or 4096 torch on CPU; 16384 or 8192 on CUDA, 4096 with the
+            smallest block). Peak extra memory is about ``query_chunk_size * chunk_size`` scores per worker
+            thread (x1.4 on CUDA), plus, on the packed schedule (``Q >= 1024`` queries), one packed copy of
+            the database.
         group_size: torch path only: columns per group in the threshold filter (a tuning knob).
         merge_every: torch path only: buffered survivors per query before a merge (a tuning knob).
         threads: fused path: worker threads (default ``torch.get_num_threads()``); see the module doc.
@@ -410,6 +472,9 @@ def _fused_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int],
     if nq == 0:
         return out_v, out_i
     cap = max(k, 64)  # buffered survivors per query between merges (a merge costs O(k + cap))
+    if nq >= PACKED_MIN_QUERIES and packed_available():
+        _packed_topk(queries, database, k, chunk, qchunk, threads, cap, out_v, out_i)
+        return out_v, out_i
     workers = min(threads, nq // _MIN_WORKER_ROWS)
     if workers > 1:
         rows = min(qchunk or FUSED_BLOCK[0], -(-nq // workers))
@@ -442,9 +507,8 @@ def _fused_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int],
                 torch.mm(q, db.T, out=block)
                 _fused.update(block.data_ptr(), m, w, w, c0, keys.data_ptr(), thr.data_ptr(), cnt.data_ptr(), k, cap,
                               filter_threads)
-            _fused.finish(keys.data_ptr(), cnt.data_ptr(), m, k, cap, out_v[q0].data_ptr(), out_i[q0].data_ptr(), k)
-            v, i = sort_by_score_then_id(out_v[q0 : q0 + m], out_i[q0 : q0 + m])
-            out_v[q0 : q0 + m], out_i[q0 : q0 + m] = v, i
+            _fused.finish(keys.data_ptr(), cnt.data_ptr(), m, k, cap, out_v[q0].data_ptr(), out_i[q0].data_ptr(), k,
+                          True)  # sorted (score desc, id asc)
 
     if workers <= 1:
         work()
@@ -459,6 +523,40 @@ def _fused_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int],
         finally:
             torch.set_num_threads(before)
     return out_v, out_i
+
+
+def _packed_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int], qchunk: Optional[int],
+                 threads: int, cap: int, out_v: Tensor, out_i: Tensor) -> None:
+    """The packed schedule (see the module doc): worker threads each search whole query chunks in one call
+    of the C extension; results sorted into ``out_v`` / ``out_i``. The chunks are made equal and their
+    number a multiple of the workers, so that no core idles at the end."""
+    assert _fused is not None
+    nq, d = queries.shape
+    n = database.shape[0]
+    workers = max(1, min(threads, nq // PACKED_BLOCK[0]))
+    target = qchunk or PACKED_CHUNK
+    chunks = -(-max(1, -(-nq // target)) // workers) * workers
+    rows = -(-nq // chunks)
+    block_rows, width = min(PACKED_BLOCK[0], rows), min(chunk or PACKED_BLOCK[1], n)
+    starts = iter(range(0, nq, rows))
+    take = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with take:
+                q0 = next(starts, None)
+            if q0 is None:
+                return
+            m = min(rows, nq - q0)
+            _fused.search_chunk(queries[q0].data_ptr(), m, d, database.data_ptr(), n, block_rows, width, k, cap,
+                                out_v[q0].data_ptr(), out_i[q0].data_ptr(), k, PACKED_GROUP)  # sorted
+
+    if workers <= 1:
+        work()
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="exact-topk") as pool:
+        for f in [pool.submit(work) for _ in range(workers)]:
+            f.result()
 
 
 def _torch_topk(queries: Tensor, database: Tensor, k: int, chunk: int, qchunk: int, group_size: int,
