@@ -23,9 +23,10 @@ schedules, picked by :func:`exact_topk`:
   database once per search and each query chunk once, after which small blocks (``256 x 512`` scores,
   512 KB) run at the full matmul rate, and the filter reads each block while it is still in the core's
   L2 cache. One worker thread per core owns whole query chunks; MKL runs single-threaded inside each
-  (``mkl_set_num_threads_local``, nothing process-wide changes). Costs one packed copy of the database
-  (``N x d`` floats) for the duration of the search. Measured on the 2-core machine at ``N = 100k``,
-  ``d = 256``, ``k = 100``: 0.9-0.97 of the machine's matmul rate (``benchmarks/mining.py``).
+  (``mkl_set_num_threads_local``, nothing process-wide changes). Database pieces are packed per call
+  (groups of 8, shared by all of the call's queries), so no copy of the database is kept. Measured on
+  the shared 2-core machine at ``N = 100k``, ``d = 256``, ``k = 100``: 0.88 of the paired matmul rate
+  (``benchmarks/mining.py``); the filter is ~0.08 of the matmul, the packing ~0.013.
 - **Worker threads** (many queries, no packed GEMM): each worker runs a single-threaded ``torch.mm``
   per ``1024 x 2048`` block (8 MB) into its own buffer, then filters it. A block that size must come
   back from L3 or memory, so the filter costs about a tenth of the matmul (0.85-0.88 of the rate).
