@@ -477,3 +477,29 @@ def test_check_finite_row_sum_shortcut_matches_elementwise() -> None:
     assert expected == [11, 20]
     with pytest.raises(IndexInputError, match=r"rows \[111, 120\]"):
         check_finite(x, "vectors", offset=100)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "nq,n,k,qchunk,chunk",
+    [
+        (300, 5000, 100, None, None),  # default blocks, several sub-chunks, k + cap > 64 (vectorised select)
+        (257, 4099, 7, 100, 333),  # ragged last sub-chunk and database piece
+        (64, 150, 150, 7, 64),  # k = N
+        (40, 6000, 5000, None, 2048),  # k + cap above the vectorised select's limit: scalar fallback
+    ],
+)
+def test_packed_schedule_matches_stable_sort(monkeypatch: pytest.MonkeyPatch, nq: int, n: int, k: int,
+                                             qchunk: int, chunk: int, threads: int) -> None:
+    """The packed-GEMM schedule (forced on small inputs) against the full stable sort, with exact ties."""
+    from contrastive.index import exact as exact_mod
+
+    if not exact_mod.packed_available():
+        pytest.skip("torch without MKL's packed GEMM")
+    monkeypatch.setattr(exact_mod, "PACKED_MIN_QUERIES", 0)
+    g = torch.Generator().manual_seed(nq + n + k)
+    x = torch.randint(-3, 4, (n, 16), generator=g).float()
+    q = torch.randint(-3, 4, (nq, 16), generator=g).float()
+    vals, ids = exact_topk(q, x, k, chunk_size=chunk, query_chunk_size=qchunk, threads=threads, backend="fused")
+    ref_v, ref_i = reference_topk(q, x, k)
+    assert torch.equal(ids, ref_i) and torch.equal(vals, ref_v)

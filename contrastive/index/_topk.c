@@ -70,25 +70,32 @@ static inline int64_t key_id(uint64_t key) { return (int64_t)(0xFFFFFFFFu - (uin
 /* Reorder a[0:n] (distinct keys) so that its k largest come first; returns the k-th largest.
  * Quickselect with a branchless Lomuto partition: a branchy one mispredicts on every other element
  * (random scores), which made merges ~5x slower. */
+/* Median-of-three pivot of a[lo:hi] (hi - lo >= 2), then a branchless Lomuto partition: returns store with
+ * a[lo:store] > a[store] = pivot >= a[store + 1:hi]. */
+static int64_t partition_u64(uint64_t* a, int64_t lo, int64_t hi) {
+    int64_t mid = lo + ((hi - lo) >> 1), last = hi - 1;
+    uint64_t x = a[lo], y = a[mid], z = a[last]; /* median of three, moved to the end */
+    int64_t p = (x < y) ? ((y < z) ? mid : ((x < z) ? last : lo)) : ((x < z) ? lo : ((y < z) ? last : mid));
+    uint64_t pivot = a[p];
+    a[p] = a[last];
+    a[last] = pivot;
+    int64_t store = lo;
+    for (int64_t i = lo; i < last; i++) {
+        uint64_t e = a[i];
+        int64_t gt = e > pivot;
+        a[i] = a[store];
+        a[store] = e;
+        store += gt;
+    }
+    a[last] = a[store];
+    a[store] = pivot;
+    return store;
+}
+
 static uint64_t select_top_u64(uint64_t* a, int64_t n, int64_t k) {
     int64_t lo = 0, hi = n, want = k - 1;
     while (hi - lo > 1) {
-        int64_t mid = lo + ((hi - lo) >> 1), last = hi - 1;
-        uint64_t x = a[lo], y = a[mid], z = a[last]; /* median of three, moved to the end */
-        int64_t p = (x < y) ? ((y < z) ? mid : ((x < z) ? last : lo)) : ((x < z) ? lo : ((y < z) ? last : mid));
-        uint64_t pivot = a[p];
-        a[p] = a[last];
-        a[last] = pivot;
-        int64_t store = lo;
-        for (int64_t i = lo; i < last; i++) {
-            uint64_t e = a[i];
-            int64_t gt = e > pivot;
-            a[i] = a[store];
-            a[store] = e;
-            store += gt;
-        }
-        a[last] = a[store];
-        a[store] = pivot; /* a[lo:store] > pivot >= a[store + 1:hi] */
+        int64_t store = partition_u64(a, lo, hi);
         if (store == want) break;
         if (store > want) hi = store;
         else lo = store + 1;
@@ -331,22 +338,7 @@ static void init_rows(uint64_t* keys, float* thr, int64_t* cnt, int64_t rows, in
  * torch (by id, then stable by score) cost 17 us per row of k = 100, 2.7% of the row's matmul at N = 100k. */
 static void sort_desc_u64(uint64_t* a, int64_t n) {
     while (n > 16) {
-        int64_t mid = n >> 1, last = n - 1;
-        uint64_t x = a[0], y = a[mid], z = a[last];
-        int64_t p = (x < y) ? ((y < z) ? mid : ((x < z) ? last : 0)) : ((x < z) ? 0 : ((y < z) ? last : mid));
-        uint64_t pivot = a[p];
-        a[p] = a[last];
-        a[last] = pivot;
-        int64_t store = 0;
-        for (int64_t i = 0; i < last; i++) {
-            uint64_t e = a[i];
-            int64_t gt = e > pivot;
-            a[i] = a[store];
-            a[store] = e;
-            store += gt;
-        }
-        a[last] = a[store];
-        a[store] = pivot; /* a[0:store] > pivot > a[store + 1:n] */
+        int64_t store = partition_u64(a, 0, n); /* a[0:store] > a[store] > a[store + 1:n] */
         if (store < n - store - 1) { /* recurse into the smaller side, loop on the larger */
             sort_desc_u64(a, store);
             a += store + 1;
