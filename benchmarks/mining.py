@@ -3,15 +3,19 @@
 For each ``N``: ``N`` random unit vectors of size ``d`` (float32) are both the queries and the database,
 as in offline mining (every training document is a query against the whole corpus), and we time:
 
-- **exact** (:func:`contrastive.index.exact_topk`, fused CPU path): each worker thread computes blocks of
-  ``query_chunk x chunk`` scores with a single-threaded ``torch.mm`` into its own buffer and filters
-  them with the compiled top-k kernel. Achieved rate = ``2 * Q * N * d / time``, next to the **matmul
-  rate** of this machine measured in the same run. The headline ``vs mm (paired)`` divides by the rate
-  of a large ``(4096, d) @ (d, 16384)`` matmul timed around each slice of the search (see
+- **exact** (:func:`contrastive.index.exact_topk`, fused CPU path): with MKL in torch (x86 wheels) and at
+  least ``PACKED_MIN_QUERIES`` queries, each worker thread searches whole query chunks in one call of the
+  C extension: MKL's packed GEMM computes 128 x 512 score blocks (in L2) and the compiled top-k kernel
+  filters each right away; otherwise each worker computes ``query_chunk x chunk`` blocks with a
+  single-threaded ``torch.mm`` and filters them. Achieved rate = ``2 * Q * N * d / time``, next to the
+  **matmul rate** of this machine measured in the same run. The headline ``vs mm (paired)`` divides by
+  the rate of a large ``(4096, d) @ (d, 16384)`` matmul timed around each slice of the search (see
   :class:`PairedReference`), the better of two forms: one ``torch.mm`` on all threads, or one
-  single-threaded ``torch.mm`` per thread at once. ``vs best mm`` divides by the best of best-of-5
-  matmuls (block-shaped and large, both forms) before and after the runs: a stricter, noisier number
-  on a machine whose speed drifts. 1.0 = top-k selection for free.
+  single-threaded ``torch.mm`` per thread at once; each slice's own ratio (its rate over its two
+  reference runs) is printed too, with their median, which a burst of load from other jobs moves less.
+  ``vs best mm`` divides by the best of best-of-5 matmuls (block-shaped and large, both forms) before
+  and after the runs: a stricter, noisier number on a machine whose speed drifts. 1.0 = top-k selection
+  for free.
 - **exact, torch path** (optional, ``--torch-path``): the same search with torch ops only
   (``backend="torch"``), what runs on CUDA or without the compiled kernel.
 - **faiss-flat** (optional, ``--faiss-flat``): FAISS' exact ``IndexFlatIP`` (BLAS + C++ heaps), for
@@ -21,8 +25,10 @@ as in offline mining (every training document is a query against the whole corpu
 
 Peak memory: a sampling thread reads the resident set (``/proc/self/statm``) every 2 ms during each
 call; ``peak RSS Δ`` is the peak minus the RSS just before the call. For the exact method it should stay
-near the score buffers (``query_chunk x chunk x 4`` bytes per worker plus the ``(Q, k)`` outputs), whatever
-``N`` is, whereas the full ``Q x N`` score matrix is printed next to it.
+near the per-worker buffers, whatever ``N`` is: the score buffer (``query_chunk x chunk x 4`` bytes, or
+one 128 x 512 block in the packed schedule), the packed schedule's per-query state (top-k keys and packed
+queries of one query chunk, at most ``PACKED_MEMORY`` for all workers) and the ``(Q, k)`` outputs;
+the full ``Q x N`` score matrix is printed next to it.
 
 Threads: ``torch.set_num_threads(--threads)`` (default: all cores) and ``OMP_WAIT_POLICY=PASSIVE``
 unless set otherwise (spinning OpenMP threads collapse throughput on a shared CPU; see the comment at
@@ -43,6 +49,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import threading
 import time
@@ -60,7 +67,14 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from contrastive.index import FaissIndex, exact_topk, import_faiss  # noqa: E402
-from contrastive.index.exact import FUSED_BLOCK, TORCH_BLOCK, fused_available  # noqa: E402
+from contrastive.index.exact import (  # noqa: E402
+    FUSED_BLOCK,
+    PACKED_BLOCK,
+    PACKED_CHUNK,
+    TORCH_BLOCK,
+    fused_available,
+    packed_available,
+)
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -155,6 +169,7 @@ class PairedReference:
         self.call_flops = 2 * 4096 * 16384 * d
         self.flops = [0.0, 0.0]
         self.seconds = [0.0, 0.0]
+        self.slice_ratios: list[float] = []
         torch.mm(self.a, self.b.T, out=self.outs[0])  # warm-up
 
     def _run(self, flops: float) -> None:
@@ -169,9 +184,14 @@ class PairedReference:
         self.flops[1] += per_thread * len(self.outs) * self.call_flops
 
     def around(self, work: Callable[[], Any], flops: float) -> tuple[Any, float, int]:
+        """Runs ``work`` between two reference runs; also records the work's rate over the reference rate of
+        those two runs alone (:attr:`slice_ratios`)."""
+        f0, s0 = list(self.flops), list(self.seconds)
         self._run(flops / 2)
         out = timed(work)
         self._run(flops / 2)
+        local = max((self.flops[j] - f0[j]) / (self.seconds[j] - s0[j]) for j in range(2))
+        self.slice_ratios.append(flops / out[1] / local)
         return out
 
     @property
@@ -216,6 +236,7 @@ class Row:
     peak_mb: Optional[float] = None
     notes: list[str] = field(default_factory=list)
     ref_gflops: Optional[tuple[float, float]] = None  # paired reference matmul rates (exact rows)
+    slice_ratios: Optional[list[float]] = None  # per slice: its rate / the rate of its own two reference runs
     vs_best: Optional[float] = None
 
 
@@ -262,6 +283,7 @@ def run_n(n: int, args: argparse.Namespace) -> list[Row]:
     rows.append(Row(n, nq, label, t_exact * scale, flops / t_exact / 1e9, flops / t_exact / 1e9 / ref.gflops, 1.0,
                     1.0, None, mem / 2**20, [subset] if subset else []))
     rows[-1].ref_gflops = ref.rates
+    rows[-1].slice_ratios = ref.slice_ratios
     progress(rows[-1])
     if args.torch_path and backend == "fused":
         ref = PairedReference(d, args.threads)
@@ -269,6 +291,7 @@ def run_n(n: int, args: argparse.Namespace) -> list[Row]:
         rows.append(Row(n, nq, "exact (torch path)", t * scale, flops / t / 1e9, flops / t / 1e9 / ref.gflops,
                         recall_at_k(ti, ref_i), t_exact / t, None, mem / 2**20))
         rows[-1].ref_gflops = ref.rates
+        rows[-1].slice_ratios = ref.slice_ratios
         progress(rows[-1])
     faiss = import_faiss()
     faiss.omp_set_num_threads(args.threads)
@@ -358,6 +381,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"# score block {qc} x {cc} ({buffer_mb:.0f} MB per worker thread); before the runs: block-shaped torch.mm "
           f"{mm_block:.1f} GFLOP/s, 4096 x 16384 x {args.dim} torch.mm {mm_large:.1f} GFLOP/s, the same as "
           f"{args.threads} concurrent single-thread matmuls {mm_conc:.1f} GFLOP/s (best of {args.repeats})", flush=True)
+    if fused and packed_available() and not (args.query_chunk_size or args.chunk_size):
+        print(f"# the exact search runs the packed schedule: {PACKED_BLOCK[0]} x {PACKED_BLOCK[1]} MKL packed-GEMM "
+              f"blocks, up to {PACKED_CHUNK} queries per worker call (the score-block size above is the fallback's)")
     all_rows: list[Row] = []
     for n in args.n:
         rows = run_n(n, args)
@@ -373,6 +399,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                 print(f"  {r.method}: paired reference, 4096 x 16384 x {args.dim} torch.mm run around each of the "
                       f"{args.slices} slices: {multi:.1f} GFLOP/s on {args.threads} threads, {single:.1f} GFLOP/s as "
                       f"{args.threads} concurrent single-thread matmuls; 'vs mm' divides by the better")
+            if r.slice_ratios:
+                sr = sorted(r.slice_ratios)
+                print(f"  {r.method}: per slice, its rate over the better form of its own two reference runs: median "
+                      f"{statistics.median(sr):.2f}, range {sr[0]:.2f}-{sr[-1]:.2f} ({' '.join(f'{x:.2f}' for x in r.slice_ratios)})")
     after = references()
     best = max(mm_block, mm_large, mm_conc, *after)
     print(f"# after the runs: block-shaped torch.mm {after[0]:.1f} GFLOP/s, large torch.mm {after[1]:.1f} GFLOP/s, "

@@ -127,20 +127,51 @@ def test_fused_topk_matches_stable_sort(nq: int, n: int, k: int, chunk: int, qch
     assert torch.equal(ids, ti)
 
 
-def test_fused_scalar_fallback_matches() -> None:
-    """The scan without AVX2 (forced by CONTRASTIVE_TOPK_SCALAR at import) gives the same result."""
+def test_packed_rows_bounded_by_memory_and_balanced() -> None:
+    """Packed-schedule calls: equal, a multiple of the workers, within PACKED_CHUNK and PACKED_MEMORY."""
+    from contrastive.index import exact
+
+    for nq, d, k, workers in [(100_000, 256, 100, 2), (100_000, 256, 100, 64), (5000, 1024, 2000, 3), (1024, 8, 1, 1)]:
+        cap = max(k, 64)
+        rows = exact._packed_rows(nq, d, k, cap, workers)
+        calls = -(-nq // rows)
+        assert rows <= exact.PACKED_CHUNK and calls % workers == 0, (nq, workers, rows)
+        state = workers * rows * ((k + cap) * 8 + d * 4)
+        assert state <= exact.PACKED_MEMORY or rows <= exact.PACKED_BLOCK[0], (nq, workers, rows, state)
+    assert exact._packed_rows(100_000, 256, 100, 100, 2) == 12_500  # 8 calls of 12,500: 4 per worker
+    assert exact._packed_rows(100_000, 256, 100, 100, 64) == 1563  # memory-bound: 64 calls of 1,563
+    assert exact._packed_rows(10_000, 256, 100, 100, 2, qchunk=1000) == 1000
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_fused_isa_paths_match_stable_sort(isa: str) -> None:
+    """Each instruction-set version of the scan and select (chosen by CONTRASTIVE_TOPK_ISA at import) gives the
+    stable sort's result, on the worker schedule and on the packed one, with tied scores and k above the
+    vectorised select's 16-key tail."""
+    from contrastive.index import exact
+
+    if isa != "scalar" and (exact._fused is None or exact._fused.isa() == "scalar"):
+        pytest.skip("no vector scan on this CPU")
+    if isa == "avx512" and exact._fused.isa() != "avx512":
+        pytest.skip("CPU without AVX-512")
     code = (
-        "import torch; from contrastive.index import _topk; from contrastive.index.exact import exact_topk\n"
-        "assert _topk.isa() == 'scalar'\n"
-        "g = torch.Generator().manual_seed(0); q, x = torch.randn(50, 8, generator=g), torch.randn(3000, 8, generator=g)\n"
+        "import torch; from contrastive.index import _topk, exact; from contrastive.index.exact import exact_topk\n"
+        f"assert _topk.isa() == {isa!r}, _topk.isa()\n"
+        "g = torch.Generator().manual_seed(0); q, x = torch.randn(300, 8, generator=g), torch.randn(3000, 8, generator=g)\n"
         "x[1500:1600] = x[:100]\n"
-        "v, i = exact_topk(q, x, 60, backend='fused'); r = torch.sort(q @ x.T, dim=1, descending=True, stable=True)\n"
-        "assert torch.equal(i, r.indices[:, :60]), 'scalar path differs'\n"
+        "r = torch.sort(q @ x.T, dim=1, descending=True, stable=True)\n"
+        "for packed in (False, True):\n"
+        "    exact.PACKED_MIN_QUERIES = 0 if packed else 10**9\n"
+        "    if packed and not exact.packed_available(): continue\n"
+        "    for k in (60, 700):\n"
+        "        v, i = exact_topk(q, x, k, backend='fused')\n"
+        "        assert torch.equal(i, r.indices[:, :k]), (packed, k)\n"
     )
-    env = {**os.environ, "CONTRASTIVE_TOPK_SCALAR": "1"}
+    env = {**os.environ, "CONTRASTIVE_TOPK_ISA": isa}
+    env.pop("CONTRASTIVE_TOPK_SCALAR", None)
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
 
 

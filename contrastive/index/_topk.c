@@ -108,56 +108,88 @@ enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 static int isa = ISA_SCALAR;
 
 #ifdef TOPK_X86
-/* select_top_u64 with AVX-512 partitions: each pass compresses 8 keys at a time into a "greater" and a
- * "not greater" buffer (thread-local) and copies them back, ~10x fewer cycles per key than the scalar
- * partition; ranges of 64 keys or fewer finish in the scalar code. Merges were a quarter of the filter's
- * time at N = 100k, k = 100. */
+/* select_top_u64 with AVX-512 passes that move nothing in a[]: each pass compresses the current candidates,
+ * 8 keys at a time, into a "greater than the pivot" and a "not greater" buffer (thread-local, three in
+ * rotation) and goes on with the side that holds the k-th largest; at 16 candidates or fewer the k-th is
+ * found by counting, and one last pass compacts the k keys >= it to the front of a[] in place. Keys are
+ * distinct, so a median-of-three pivot is never the maximum and every pass shrinks the candidates.
+ * Merges were a quarter of the filter's time at N = 100k, k = 100. For 200 random keys (k = 100, in L1) the
+ * previous AVX-512 version (partition, then copy both sides back) took ~2.2k TSC cycles and this one ~1.55k;
+ * inside the search (rdtsc-instrumented copy, keys touched first) merges went from ~0.025 to ~0.013 of the
+ * matmul time. */
 #define VSEL_MAX 4096
-static __thread uint64_t vsel_tmp[2][VSEL_MAX + 8];
+static __thread uint64_t vsel_tmp[3][VSEL_MAX + 8];
 
 __attribute__((target("avx512f")))
 static uint64_t select_top_u64_avx512(uint64_t* a, int64_t n, int64_t k) {
-    int64_t lo = 0, hi = n, want = k - 1;
-    uint64_t *gt_buf = vsel_tmp[0], *le_buf = vsel_tmp[1];
-    while (hi - lo > 64) {
-        int64_t mid = lo + ((hi - lo) >> 1), last = hi - 1;
-        uint64_t x = a[lo], y = a[mid], z = a[last];
-        int64_t p = (x < y) ? ((y < z) ? mid : ((x < z) ? last : lo)) : ((x < z) ? lo : ((y < z) ? last : mid));
-        uint64_t pivot = a[p];
-        a[p] = a[last];
-        a[last] = pivot;
+    const uint64_t* src = a;
+    int64_t m = n, want = k - 1; /* the answer has exactly `want` candidates above it */
+    int cur = -1;                /* buffer holding src, -1 for a */
+    uint64_t kth = 0;
+    int found = 0;
+    while (m > 16) {
+        int64_t mid = m >> 1, last = m - 1;
+        uint64_t x = src[0], y = src[mid], z = src[last];
+        uint64_t pivot = (x < y) ? ((y < z) ? y : ((x < z) ? z : x)) : ((x < z) ? x : ((y < z) ? z : y));
         __m512i pv = _mm512_set1_epi64((long long)pivot);
-        int64_t ng = 0, nl = 0, i = lo;
-        for (; i + 8 <= last; i += 8) {
-            __m512i v = _mm512_loadu_si512((const void*)(a + i));
+        int ig = cur == 0 ? 1 : 0, il = cur == 2 ? 1 : 2; /* the two buffers that are not src */
+        uint64_t *gt = vsel_tmp[ig], *le = vsel_tmp[il];
+        int64_t ng = 0, nl = 0, i = 0;
+        for (; i + 8 <= m; i += 8) {
+            __m512i v = _mm512_loadu_si512((const void*)(src + i));
             __mmask8 g = _mm512_cmpgt_epu64_mask(v, pv);
-            _mm512_storeu_si512((void*)(gt_buf + ng), _mm512_maskz_compress_epi64(g, v));
-            _mm512_storeu_si512((void*)(le_buf + nl), _mm512_maskz_compress_epi64((__mmask8)~g, v));
+            _mm512_storeu_si512((void*)(gt + ng), _mm512_maskz_compress_epi64(g, v));
+            _mm512_storeu_si512((void*)(le + nl), _mm512_maskz_compress_epi64((__mmask8)~g, v));
             int c = __builtin_popcount((unsigned)g);
             ng += c;
             nl += 8 - c;
         }
-        for (; i < last; i++) { /* branch-free: store to both, advance one */
-            uint64_t e = a[i];
-            int64_t g = e > pivot;
-            gt_buf[ng] = e;
-            le_buf[nl] = e;
-            ng += g;
-            nl += 1 - g;
+        if (i < m) {
+            __mmask8 valid = (__mmask8)((1u << (m - i)) - 1);
+            __m512i v = _mm512_maskz_loadu_epi64(valid, (const void*)(src + i));
+            __mmask8 g = _mm512_mask_cmpgt_epu64_mask(valid, v, pv);
+            _mm512_storeu_si512((void*)(gt + ng), _mm512_maskz_compress_epi64(g, v));
+            _mm512_storeu_si512((void*)(le + nl), _mm512_maskz_compress_epi64((__mmask8)(valid & ~g), v));
+            int c = __builtin_popcount((unsigned)g);
+            ng += c;
+            nl += (m - i) - c;
         }
-        memcpy(a + lo, gt_buf, (size_t)ng * sizeof(uint64_t));
-        a[lo + ng] = pivot;
-        memcpy(a + lo + ng + 1, le_buf, (size_t)nl * sizeof(uint64_t));
-        int64_t store = lo + ng; /* a[lo:store] > pivot > a[store + 1:hi] */
-        if (store == want) return pivot;
-        if (store > want) hi = store;
-        else lo = store + 1;
+        if (ng == want) { kth = pivot; found = 1; break; }
+        if (ng > want) { src = gt; m = ng; cur = ig; }
+        else { src = le; m = nl; want -= ng; cur = il; }
     }
-    return select_top_u64(a + lo, hi - lo, want - lo + 1);
+    if (!found) { /* the candidate with exactly `want` others above it */
+        __mmask8 v0 = (__mmask8)(m >= 8 ? 0xFF : (1u << m) - 1), v1 = (__mmask8)(m > 8 ? (1u << (m - 8)) - 1 : 0);
+        __m512i c0 = _mm512_maskz_loadu_epi64(v0, (const void*)src);
+        __m512i c1 = _mm512_maskz_loadu_epi64(v1, (const void*)(src + 8));
+        for (int64_t j = 0; j < m; j++) {
+            __m512i e = _mm512_set1_epi64((long long)src[j]);
+            int above = __builtin_popcount((unsigned)_mm512_mask_cmpgt_epu64_mask(v0, c0, e))
+                        + __builtin_popcount((unsigned)_mm512_mask_cmpgt_epu64_mask(v1, c1, e));
+            kth = above == want ? src[j] : kth;
+        }
+    }
+    /* a[0:k] = the keys >= kth, in place: the write position never passes the read position */
+    __m512i kv = _mm512_set1_epi64((long long)kth);
+    int64_t w = 0, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m512i v = _mm512_loadu_si512((const void*)(a + i));
+        __mmask8 g = _mm512_cmpge_epu64_mask(v, kv);
+        _mm512_mask_storeu_epi64((void*)(a + w), (__mmask8)((1u << __builtin_popcount((unsigned)g)) - 1),
+                                 _mm512_maskz_compress_epi64(g, v));
+        w += __builtin_popcount((unsigned)g);
+    }
+    for (; i < n; i++) {
+        uint64_t e = a[i];
+        a[w] = e;
+        w += e >= kth;
+    }
+    return kth;
 }
 #endif
 
-/* Reorder rk[0:n] so that its k largest keys come first; returns the k-th largest. */
+/* Put the k largest keys of a[0:n] (distinct) in a[0:k], in no order, and return the k-th largest; a[k:n] is left
+ * holding unspecified keys (the AVX-512 version does not keep a permutation). */
 static uint64_t select_top(uint64_t* a, int64_t n, int64_t k) {
 #ifdef TOPK_X86
     if (isa == ISA_AVX512 && n <= VSEL_MAX) return select_top_u64_avx512(a, n, k);
@@ -184,7 +216,7 @@ static float first_block_floor(const float* row, int64_t width, int64_t k, float
         for (int64_t j = 0; j < n1; j++) scratch[j] = seg[j] > scratch[j] ? seg[j] : scratch[j];
     }
     for (int64_t j = 0; j < n1; j++) keys[j] = make_key(scratch[j], j); /* distinct keys: no quickselect on ties */
-    return key_value(select_top_u64(keys, n1, k));
+    return key_value(select_top(keys, n1, k));
 }
 
 #define PUSH(v, id)                                          \
@@ -205,11 +237,29 @@ static void scan_scalar(const float* row, int64_t from, int64_t width, int64_t o
 }
 
 #ifdef TOPK_X86
+/* Append the columns base + (set bits of mask) to pos[np...]: two unconditionally (tzcnt of an empty mask is 64,
+ * written past the count and overwritten later), the rest in a loop that is rarely entered. tzcnt (BMI1, which
+ * every AVX2 CPU has) rather than a test for zero: gcc turns "m ? ctz(m) : 64" into a branch, which
+ * mispredicted at every group with one survivor against two. */
+#define POS_TWO(base, mask)                                                         \
+    do {                                                                            \
+        uint64_t m_ = (mask);                                                       \
+        pos[np] = (base) + (int32_t)_tzcnt_u64(m_); np += m_ != 0; m_ = _blsr_u64(m_); \
+        pos[np] = (base) + (int32_t)_tzcnt_u64(m_); np += m_ != 0; m_ = _blsr_u64(m_); \
+        while (m_) { pos[np++] = (base) + (int32_t)_tzcnt_u64(m_); m_ = _blsr_u64(m_); } \
+    } while (0)
+
+/* Push the compacted survivors; t may rise at a merge on the way, hence the re-test. */
+#define SURVIVORS_PUSH                                              \
+    for (int64_t i = 0; i < np; i++) {                              \
+        float v = row[pos[i]];                                      \
+        if (v > t) PUSH(v, offset + pos[i]);                        \
+    }
 /* The scans below defer survivors: the pass over the row only records (branch-free) which groups of
  * columns hold a score above the threshold, and a second loop over those few groups pushes them. A
  * branch per group mispredicts at every survivor (~600 per row at N = 100k, k = 100), which made the
  * survivors cost as much as the scan itself. */
-__attribute__((target("avx2"), always_inline))
+__attribute__((target("avx2,bmi"), always_inline))
 static inline void scan_avx2(const float* row, int64_t width, int64_t offset, uint64_t* rk, int64_t k, int64_t cap,
                       float* tp, int64_t* cp, int32_t* hits) {
     float t = *tp;
@@ -221,27 +271,22 @@ static inline void scan_avx2(const float* row, int64_t width, int64_t offset, ui
         hits[h] = (int32_t)j;
         h += _mm256_movemask_ps(_mm256_cmp_ps(m, tv, _CMP_GT_OQ)) != 0;
     }
+    int32_t* pos = hits + h; /* as in scan_avx512 */
+    int64_t np = 0;
     for (int64_t i = 0; i < h; i++) {
         const float* g = row + hits[i];
-        uint32_t mask = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(g), tv, _CMP_GT_OQ))
+        uint64_t mask = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(g), tv, _CMP_GT_OQ))
                         | (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(g + 8), tv, _CMP_GT_OQ)) << 8
                         | (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(g + 16), tv, _CMP_GT_OQ)) << 16
                         | (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(g + 24), tv, _CMP_GT_OQ)) << 24;
-        while (mask) {
-            int u = __builtin_ctz(mask);
-            mask &= mask - 1;
-            float v = g[u];
-            if (v > t) { /* t may have risen at a merge since the mask was taken */
-                PUSH(v, offset + hits[i] + u);
-                tv = _mm256_set1_ps(t);
-            }
-        }
+        POS_TWO(hits[i], mask);
     }
+    SURVIVORS_PUSH;
     *tp = t; *cp = c;
     scan_scalar(row, j, width, offset, rk, k, cap, tp, cp);
 }
 
-__attribute__((target("avx512f"), always_inline))
+__attribute__((target("avx512f,bmi"), always_inline))
 static inline void scan_avx512(const float* row, int64_t width, int64_t offset, uint64_t* rk, int64_t k, int64_t cap,
                         float* tp, int64_t* cp, int32_t* hits) {
     float t = *tp;
@@ -253,22 +298,21 @@ static inline void scan_avx512(const float* row, int64_t width, int64_t offset, 
         hits[h] = (int32_t)j;
         h += _mm512_cmp_ps_mask(m, tv, _CMP_GT_OQ) != 0;
     }
+    /* Survivor columns, compacted branch-free: two per group unconditionally, a loop only for the rare group
+     * with more; then one flat loop pushes them. A loop over each group's mask bits mispredicted at its exit
+     * whenever the count differed from the last group's. (Building the keys 8 lanes at a time and appending
+     * them with compress + masked store, no branch at all, measured slower: ~1.1x the filter's time.) */
+    int32_t* pos = hits + h;
+    int64_t np = 0;
     for (int64_t i = 0; i < h; i++) {
         const float* g = row + hits[i];
         uint64_t mask = (uint64_t)_mm512_cmp_ps_mask(_mm512_loadu_ps(g), tv, _CMP_GT_OQ)
                         | (uint64_t)_mm512_cmp_ps_mask(_mm512_loadu_ps(g + 16), tv, _CMP_GT_OQ) << 16
                         | (uint64_t)_mm512_cmp_ps_mask(_mm512_loadu_ps(g + 32), tv, _CMP_GT_OQ) << 32
                         | (uint64_t)_mm512_cmp_ps_mask(_mm512_loadu_ps(g + 48), tv, _CMP_GT_OQ) << 48;
-        while (mask) {
-            int u = __builtin_ctzll(mask);
-            mask &= mask - 1;
-            float v = g[u];
-            if (v > t) {
-                PUSH(v, offset + hits[i] + u);
-                tv = _mm512_set1_ps(t);
-            }
-        }
+        POS_TWO(hits[i], mask);
     }
+    SURVIVORS_PUSH;
     *tp = t; *cp = c;
     scan_scalar(row, j, width, offset, rk, k, cap, tp, cp);
 }
@@ -278,7 +322,7 @@ static inline void scan_avx512(const float* row, int64_t width, int64_t offset, 
  * state. One copy per instruction set, each with its scan inlined: a call per row (and the stack realignment
  * of an AVX-512 function) cost ~0.1 cycle per score at 1024-column blocks. */
 #define UPDATE_ROWS_BODY(SCAN_CALL)                                                                             \
-    int32_t* hits = (int32_t*)scratch_keys; /* width / 32 entries, free once the first block's floor is taken */ \
+    int32_t* hits = (int32_t*)scratch_keys; /* group starts (<= width / 32), then survivor columns (<= width + 1): fits in width + 8 keys */ \
     (void)hits;                                                                                                 \
     for (int64_t r = 0; r < rows; r++) {                                                                        \
         const float* row = block + r * ld;                                                                      \
@@ -305,10 +349,10 @@ static inline void scan_avx512(const float* row, int64_t width, int64_t offset, 
 
 static void update_rows_scalar(UPDATE_ROWS_ARGS) { UPDATE_ROWS_BODY(scan_scalar(row, 0, width, offset, rk, k, cap, &t, &c)) }
 #ifdef TOPK_X86
-__attribute__((target("avx2"))) static void update_rows_avx2(UPDATE_ROWS_ARGS) {
+__attribute__((target("avx2,bmi"))) static void update_rows_avx2(UPDATE_ROWS_ARGS) {
     UPDATE_ROWS_BODY(scan_avx2(row, width, offset, rk, k, cap, &t, &c, hits))
 }
-__attribute__((target("avx512f"))) static void update_rows_avx512(UPDATE_ROWS_ARGS) {
+__attribute__((target("avx512f,bmi"))) static void update_rows_avx512(UPDATE_ROWS_ARGS) {
     UPDATE_ROWS_BODY(scan_avx512(row, width, offset, rk, k, cap, &t, &c, hits))
 }
 #endif
@@ -356,6 +400,33 @@ static void sort_desc_u64(uint64_t* a, int64_t n) {
     }
 }
 
+#ifdef TOPK_X86
+/* sort_desc_u64 for n <= RANK_SORT_MAX keys, by rank: each key's rank is the number of keys above it, counted
+ * for 8 keys at a time against every key broadcast (n * n / 8 compares, no branch), then each key is written
+ * at its rank. For k = 100 random keys it took half the quicksort's time (4.5k against 8.7k TSC cycles, same
+ * run), whose partition-side and insertion-sort branches mispredict on random keys (finishing was ~1% of
+ * the matmul at N = 100k). */
+#define RANK_SORT_MAX 256
+__attribute__((target("avx512f")))
+static void sort_desc_rank_avx512(uint64_t* a, int64_t n) {
+    uint64_t out[RANK_SORT_MAX];
+    int64_t rank[RANK_SORT_MAX + 8];
+    const __m512i one = _mm512_set1_epi64(1);
+    for (int64_t j = 0; j < n; j += 8) {
+        __mmask8 valid = (__mmask8)(n - j >= 8 ? 0xFF : (1u << (n - j)) - 1);
+        __m512i v = _mm512_maskz_loadu_epi64(valid, (const void*)(a + j));
+        __m512i cnt = _mm512_setzero_si512();
+        for (int64_t i = 0; i < n; i++) {
+            __mmask8 above = _mm512_cmpgt_epu64_mask(_mm512_set1_epi64((long long)a[i]), v);
+            cnt = _mm512_mask_add_epi64(cnt, above, cnt, one);
+        }
+        _mm512_storeu_si512((void*)(rank + j), cnt);
+    }
+    for (int64_t j = 0; j < n; j++) out[rank[j]] = a[j];
+    memcpy(a, out, (size_t)n * sizeof(uint64_t));
+}
+#endif
+
 /* Merge what is buffered and write each row's top-k (-inf / -1 for empty slots), best first when `sorted`
  * (score descending, then id ascending: the key order), else in no particular order. */
 static void finish_rows(uint64_t* keys, int64_t* cnt, int64_t rows, int64_t k, int64_t cap, float* vals, int64_t* ids,
@@ -366,7 +437,13 @@ static void finish_rows(uint64_t* keys, int64_t* cnt, int64_t rows, int64_t k, i
             select_top(rk, k + cnt[r], k);
             cnt[r] = 0;
         }
-        if (sorted) sort_desc_u64(rk, k);
+        if (sorted) {
+#ifdef TOPK_X86
+            if (isa == ISA_AVX512 && k <= RANK_SORT_MAX) sort_desc_rank_avx512(rk, k);
+            else
+#endif
+                sort_desc_u64(rk, k);
+        }
         for (int64_t j = 0; j < k; j++) {
             vals[r * ld_out + j] = rk[j] < EMPTY_LIMIT ? -INFINITY : key_value(rk[j]);
             ids[r * ld_out + j] = rk[j] < EMPTY_LIMIT ? -1 : key_id(rk[j]);
@@ -390,7 +467,7 @@ static int update_parallel(const float* block, int64_t rows, int64_t width, int6
         int64_t lo = rows * t / nt, hi = rows * (t + 1) / nt;
         size_t slots = (size_t)(width > 0 ? width : 1);
         float* scratch = (float*)malloc(slots * sizeof(float));
-        uint64_t* scratch_keys = (uint64_t*)malloc(slots * sizeof(uint64_t));
+        uint64_t* scratch_keys = (uint64_t*)malloc((slots + 8) * sizeof(uint64_t)); /* + the scans' slack */
         if (!scratch || !scratch_keys) failed = 1;
         else
             update_rows(block + lo * ld, hi - lo, width, ld, offset, keys + lo * (k + cap), thr + lo, cnt + lo, k, cap,
@@ -528,7 +605,7 @@ static PyObject* py_search_chunk(PyObject* self, PyObject* args) {
     float* thr = (float*)malloc((size_t)m * sizeof(float));
     int64_t* cnt = (int64_t*)malloc((size_t)m * sizeof(int64_t));
     float* scratch = (float*)malloc((size_t)width * sizeof(float));
-    uint64_t* scratch_keys = (uint64_t*)malloc((size_t)width * sizeof(uint64_t));
+    uint64_t* scratch_keys = (uint64_t*)malloc((size_t)(width + 8) * sizeof(uint64_t)); /* + the scans' slack */
     int64_t pad_rows = tail < sub ? sub : 0; /* a zero-padded copy of the last sub-chunk or database piece */
     if (n % width && width > pad_rows) pad_rows = width;
     float* pad = pad_rows ? (float*)calloc((size_t)(pad_rows * d), sizeof(float)) : NULL;
@@ -618,6 +695,7 @@ PyMODINIT_FUNC PyInit__topk(void) {
 #ifdef TOPK_X86
     __builtin_cpu_init();
     isa = __builtin_cpu_supports("avx512f") ? ISA_AVX512 : __builtin_cpu_supports("avx2") ? ISA_AVX2 : ISA_SCALAR;
+    if (!__builtin_cpu_supports("bmi")) isa = ISA_SCALAR; /* the vector scans use tzcnt / blsr */
     const char* want = getenv("CONTRASTIVE_TOPK_ISA"); /* lower the instruction set, for tests and A/B runs */
     if (want && !strcmp(want, "avx2") && isa >= ISA_AVX2) isa = ISA_AVX2;
     if ((want && !strcmp(want, "scalar")) || getenv("CONTRASTIVE_TOPK_SCALAR")) isa = ISA_SCALAR;

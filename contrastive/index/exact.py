@@ -20,13 +20,17 @@ schedules, picked by :func:`exact_topk`:
 
 - **Packed** (many queries, torch built with MKL, as its x86 wheels are): MKL's packed GEMM
   (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``, found in the loaded ``libtorch_cpu``) packs the
-  database once per search and each query chunk once, after which small blocks (``256 x 512`` scores,
-  512 KB) run at the full matmul rate, and the filter reads each block while it is still in the core's
+  database pieces and query sub-chunks once per call, after which small blocks (``128 x 512`` scores,
+  256 KB) run at the full matmul rate, and the filter reads each block while it is still in the core's
   L2 cache. One worker thread per core owns whole query chunks; MKL runs single-threaded inside each
   (``mkl_set_num_threads_local``, nothing process-wide changes). Database pieces are packed per call
   (groups of 8, shared by all of the call's queries), so no copy of the database is kept. Measured on
-  the shared 2-core machine at ``N = 100k``, ``d = 256``, ``k = 100``: 0.88 of the paired matmul rate
-  (``benchmarks/mining.py``); the filter is ~0.08 of the matmul, the packing ~0.013.
+  the shared 2-core machine at ``N = 100k``, ``d = 256``, ``k = 100`` (``benchmarks/profile_packed.py``,
+  one worker, 8192 queries): the filter costs ~0.065 of the block matmuls (merges ~0.015), packing
+  ~0.008, the sorted finish ~0.005, so the search runs at ~0.927 of its own matmuls' rate; the block
+  GEMM itself ran at 0.88-0.94 of a large ``torch.mm`` (``benchmarks/packed_gemm.py``), and against a
+  large ``torch.mm`` timed around it (``benchmarks/mining.py``) the search reached 0.80-0.91, 0.86 over
+  all 100k queries, on a machine whose matmul speed swung by up to 1.5x between adjacent seconds.
 - **Worker threads** (many queries, no packed GEMM): each worker runs a single-threaded ``torch.mm``
   per ``1024 x 2048`` block (8 MB) into its own buffer, then filters it. A block that size must come
   back from L3 or memory, so the filter costs about a tenth of the matmul (0.85-0.88 of the rate).
@@ -90,7 +94,11 @@ _LEVEL2 = 8  # level-1 groups per level-2 group in the threshold filter
 #: default block shapes: (query rows, database rows) per block for the fused CPU path and the torch path
 PACKED_BLOCK = (128, 512)  # per worker thread, packed GEMM (256 KB of scores each: stays in L2)
 PACKED_GROUP = 8  # database pieces packed together; each query sub-chunk meets all of them in a row
-PACKED_CHUNK = 4096  # query rows per call of the packed schedule: each packed database piece serves all of them
+#: query rows per call of the packed schedule: each database piece is packed once per call and serves all of
+#: them (packing cost ~0.013 of the matmul at 4096 rows, ~0.003 at 16384); capped so that all workers' per-row
+#: state (top-k keys and packed queries) stays within PACKED_MEMORY bytes
+PACKED_CHUNK = 16384
+PACKED_MEMORY = 256 << 20
 FUSED_BLOCK = (1024, 2048)  # per worker thread (8 MB of scores each)
 FUSED_INLINE_BLOCK = (512, 2048)  # one thread of work at a time: torch.mm on all threads, then the filter
 TORCH_BLOCK = (4096, 4096)
@@ -408,11 +416,13 @@ def exact_topk(
         chunk_size: database rows per block (default: 512 on the fused CPU path's packed schedule, 2048 on
             its others, 4096 on the torch path on CPU; on CUDA 65536, or 16384 or 4096 when free GPU memory
             is short, see :func:`cuda_block`).
-        query_chunk_size: query rows per block (default on the fused path: 256 packed, 1024 with worker
-            threads, 512 inline; ``chunk_size`` or 4096 torch on CPU; 16384 or 8192 on CUDA, 4096 with the
-            smallest block). Peak extra memory is about ``query_chunk_size * chunk_size`` scores per worker
-            thread (x1.4 on CUDA), plus, on the packed schedule (``Q >= 1024`` queries), one packed copy of
-            the database.
+        query_chunk_size: query rows per block (default on the fused path: 1024 with worker threads, 512
+            inline; ``chunk_size`` or 4096 torch on CPU; 16384 or 8192 on CUDA, 4096 with the smallest
+            block); on the packed schedule (``Q >= 1024`` queries) query rows per worker call (default up
+            to ``PACKED_CHUNK`` = 16384, fewer when all workers' per-query state would pass
+            ``PACKED_MEMORY`` = 256 MB), its blocks being ``128 x 512``. Peak extra memory is about
+            ``query_chunk_size * chunk_size`` scores per worker thread (x1.4 on CUDA); on the packed
+            schedule, ``query_chunk_size * ((k + max(k, 64)) * 8 + d * 4)`` bytes per worker.
         group_size: torch path only: columns per group in the threshold filter (a tuning knob).
         merge_every: torch path only: buffered survivors per query before a merge (a tuning knob).
         threads: fused path: worker threads (default ``torch.get_num_threads()``); see the module doc.
@@ -526,6 +536,17 @@ def _fused_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int],
     return out_v, out_i
 
 
+def _packed_rows(nq: int, d: int, k: int, cap: int, workers: int, qchunk: Optional[int] = None) -> int:
+    """Query rows per call of the packed schedule: calls of equal size (the last may be shorter), their number
+    a multiple of ``workers`` so that no core idles at the end, each at most ``qchunk`` rows or by default
+    ``PACKED_CHUNK``, fewer when the workers' per-query state (top-k keys and packed queries) would pass
+    ``PACKED_MEMORY`` bytes."""
+    row_bytes = (k + cap) * 8 + d * 4  # a query's keys (see _topk.c) and its packed copy
+    target = qchunk or max(PACKED_BLOCK[0], min(PACKED_CHUNK, PACKED_MEMORY // (workers * row_bytes)))
+    chunks = -(-max(1, -(-nq // target)) // workers) * workers
+    return -(-nq // chunks)
+
+
 def _packed_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int], qchunk: Optional[int],
                  threads: int, cap: int, out_v: Tensor, out_i: Tensor) -> None:
     """The packed schedule (see the module doc): worker threads each search whole query chunks in one call
@@ -535,9 +556,7 @@ def _packed_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int]
     nq, d = queries.shape
     n = database.shape[0]
     workers = max(1, min(threads, nq // PACKED_BLOCK[0]))
-    target = qchunk or PACKED_CHUNK
-    chunks = -(-max(1, -(-nq // target)) // workers) * workers
-    rows = -(-nq // chunks)
+    rows = _packed_rows(nq, d, k, cap, workers, qchunk)
     block_rows, width = min(PACKED_BLOCK[0], rows), min(chunk or PACKED_BLOCK[1], n)
     starts = iter(range(0, nq, rows))
     take = threading.Lock()
