@@ -5,7 +5,7 @@ as in offline mining (every training document is a query against the whole corpu
 
 - **exact** (:func:`contrastive.index.exact_topk`, fused CPU path): with MKL in torch (x86 wheels) and at
   least ``PACKED_MIN_QUERIES`` queries, each worker thread searches whole query chunks in one call of the
-  C extension: MKL's packed GEMM computes 128 x 512 score blocks (in L2) and the compiled top-k kernel
+  C extension: MKL's packed GEMM computes 256 x 512 score blocks (in L2) and the compiled top-k kernel
   filters each right away; otherwise each worker computes ``query_chunk x chunk`` blocks with a
   single-threaded ``torch.mm`` and filters them. Achieved rate = ``2 * Q * N * d / time``, next to the
   **matmul rate** of this machine measured in the same run. The headline ``vs mm (paired)`` divides by
@@ -26,7 +26,7 @@ as in offline mining (every training document is a query against the whole corpu
 Peak memory: a sampling thread reads the resident set (``/proc/self/statm``) every 2 ms during each
 call; ``peak RSS Δ`` is the peak minus the RSS just before the call. For the exact method it should stay
 near the per-worker buffers, whatever ``N`` is: the score buffer (``query_chunk x chunk x 4`` bytes, or
-one 128 x 512 block in the packed schedule), the packed schedule's per-query state (top-k keys and packed
+one 256 x 512 block in the packed schedule), the packed schedule's per-query state (top-k keys and packed
 queries of one query chunk, at most ``PACKED_MEMORY`` for all workers) and the ``(Q, k)`` outputs;
 the full ``Q x N`` score matrix is printed next to it.
 

@@ -38,9 +38,9 @@ def test_mining_benchmark_smoke() -> None:
 
 @pytest.mark.skipif(not packed_available(), reason="torch without MKL's packed GEMM")
 def test_packed_gemm_benchmark_smoke() -> None:
-    out = run_script("packed_gemm.py", "--shapes", "128x512", "64x256", "--queries", "256", "--rounds", "2",
+    out = run_script("packed_gemm.py", "--shapes", "256x512", "64x256", "--queries", "256", "--rounds", "2",
                      "--ref", "512x2048")
-    assert "| 128 x 512 |" in out and "| 64 x 256 |" in out
+    assert "| 256 x 512 |" in out and "| 64 x 256 |" in out
 
 
 @pytest.mark.skipif(not (fused_available() and packed_available() and shutil.which("gcc")),

@@ -20,17 +20,18 @@ schedules, picked by :func:`exact_topk`:
 
 - **Packed** (many queries, torch built with MKL, as its x86 wheels are): MKL's packed GEMM
   (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``, found in the loaded ``libtorch_cpu``) packs the
-  database pieces and query sub-chunks once per call, after which small blocks (``128 x 512`` scores,
-  256 KB) run at the full matmul rate, and the filter reads each block while it is still in the core's
+  database pieces and query sub-chunks once per call, after which small blocks (``256 x 512`` scores,
+  512 KB) run at the full matmul rate, and the filter reads each block while it is still in the core's
   L2 cache. One worker thread per core owns whole query chunks; MKL runs single-threaded inside each
   (``mkl_set_num_threads_local``, nothing process-wide changes). Database pieces are packed per call
   (groups of 8, shared by all of the call's queries), so no copy of the database is kept. Measured on
   the shared 2-core machine at ``N = 100k``, ``d = 256``, ``k = 100`` (``benchmarks/profile_packed.py``,
-  one worker, 8192 queries): the filter costs ~0.065 of the block matmuls (merges ~0.015), packing
-  ~0.008, the sorted finish ~0.005, so the search runs at ~0.927 of its own matmuls' rate; the block
-  GEMM itself ran at 0.88-0.94 of a large ``torch.mm`` (``benchmarks/packed_gemm.py``), and against a
-  large ``torch.mm`` timed around it (``benchmarks/mining.py``) the search reached 0.80-0.91, 0.86 over
-  all 100k queries, on a machine whose matmul speed swung by up to 1.5x between adjacent seconds.
+  one worker, 8192 queries): the filter costs ~0.07 of the block matmuls (merges ~0.015), packing
+  ~0.008, the sorted finish ~0.005, so the search runs at ~0.92 of its own matmuls' rate; the block
+  GEMM itself ran at a median 0.954 of a large ``torch.mm`` (``benchmarks/packed_gemm.py``), and
+  against a large ``torch.mm`` timed around it (``benchmarks/mining.py``) the search reached 0.89 over
+  all 100k queries in two runs, on a machine whose matmul speed swung by up to 1.5x between adjacent
+  seconds.
 - **Worker threads** (many queries, no packed GEMM): each worker runs a single-threaded ``torch.mm``
   per ``1024 x 2048`` block (8 MB) into its own buffer, then filters it. A block that size must come
   back from L3 or memory, so the filter costs about a tenth of the matmul (0.85-0.88 of the rate).
@@ -92,7 +93,10 @@ except ImportError:  # pragma: no cover - depends on the build
 NEG_INF = float("-inf")
 _LEVEL2 = 8  # level-1 groups per level-2 group in the threshold filter
 #: default block shapes: (query rows, database rows) per block for the fused CPU path and the torch path
-PACKED_BLOCK = (128, 512)  # per worker thread, packed GEMM (256 KB of scores each: stays in L2)
+#: per worker thread, packed GEMM (512 KB of scores each, in L2). Against 128 x 512 blocks, measured on one
+#: thread (benchmarks/packed_gemm.py, 24 rounds): the GEMM ran at a median 0.954 vs 0.921 of a large torch.mm,
+#: while the filter cost ~0.005 more of the matmul (benchmarks/profile_packed.py): ~2.5% faster net
+PACKED_BLOCK = (256, 512)
 PACKED_GROUP = 8  # database pieces packed together; each query sub-chunk meets all of them in a row
 #: query rows per call of the packed schedule: each database piece is packed once per call and serves all of
 #: them (packing cost ~0.013 of the matmul at 4096 rows, ~0.003 at 16384); capped so that all workers' per-row
@@ -420,7 +424,7 @@ def exact_topk(
             inline; ``chunk_size`` or 4096 torch on CPU; 16384 or 8192 on CUDA, 4096 with the smallest
             block); on the packed schedule (``Q >= 1024`` queries) query rows per worker call (default up
             to ``PACKED_CHUNK`` = 16384, fewer when all workers' per-query state would pass
-            ``PACKED_MEMORY`` = 256 MB), its blocks being ``128 x 512``. Peak extra memory is about
+            ``PACKED_MEMORY`` = 256 MB), its blocks being ``256 x 512``. Peak extra memory is about
             ``query_chunk_size * chunk_size`` scores per worker thread (x1.4 on CUDA); on the packed
             schedule, ``query_chunk_size * ((k + max(k, 64)) * 8 + d * 4)`` bytes per worker.
         group_size: torch path only: columns per group in the threshold filter (a tuning knob).
