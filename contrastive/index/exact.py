@@ -29,9 +29,9 @@ schedules, picked by :func:`exact_topk`:
   one worker, 8192 queries): the filter costs ~0.07 of the block matmuls (merges ~0.015), packing
   ~0.008, the sorted finish ~0.005, so the search runs at ~0.92 of its own matmuls' rate; the block
   GEMM itself ran at a median 0.954 of a large ``torch.mm`` (``benchmarks/packed_gemm.py``), and
-  against a large ``torch.mm`` timed around it (``benchmarks/mining.py``) the search reached 0.89 over
-  all 100k queries in two runs, on a machine whose matmul speed swung by up to 1.5x between adjacent
-  seconds.
+  against a large ``torch.mm`` timed around it (``benchmarks/mining.py``) the search reached 0.91, 0.89
+  and 0.89 over all 100k queries in three runs, on a machine whose matmul speed swung by up to 1.5x
+  between adjacent seconds.
 - **Worker threads** (many queries, no packed GEMM): each worker runs a single-threaded ``torch.mm``
   per ``1024 x 2048`` block (8 MB) into its own buffer, then filters it. A block that size must come
   back from L3 or memory, so the filter costs about a tenth of the matmul (0.85-0.88 of the rate).
