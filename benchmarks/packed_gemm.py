@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import glob
 import os
 import statistics
 import sys
@@ -28,28 +27,24 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from contrastive.index.exact import PACKED_BLOCK  # noqa: E402
+from contrastive.index.exact import PACKED_BLOCK, mkl_packed_gemm  # noqa: E402
 
 ROW_MAJOR, PACK_A, PACK_B, NO_TRANS, TRANS, PACKED = 101, 161, 162, 111, 112, 151
 
 
 def load_mkl() -> ctypes.CDLL:
-    """The loaded ``libtorch_cpu`` if it exports MKL's packed GEMM (as exact.py looks it up)."""
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*"))):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        if hasattr(lib, "cblas_sgemm_compute") and hasattr(lib, "cblas_sgemm_pack"):
-            lib.cblas_sgemm_pack_get_size.restype = ctypes.c_size_t
-            lib.cblas_sgemm_pack_get_size.argtypes = [ctypes.c_int] * 4
-            lib.cblas_sgemm_pack.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
-                                                                  ctypes.c_void_p]
-            lib.cblas_sgemm_compute.argtypes = [ctypes.c_int] * 6 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                                                                     ctypes.c_int, ctypes.c_float, ctypes.c_void_p,
-                                                                     ctypes.c_int]
-            return lib
-    raise SystemExit("this torch build does not export MKL's packed GEMM (cblas_sgemm_compute)")
+    """The loaded ``libtorch_cpu`` with MKL's packed GEMM, as exact.py finds it, with argument types set."""
+    mkl = mkl_packed_gemm()
+    if mkl is None:
+        raise SystemExit("this torch build does not export MKL's packed GEMM (cblas_sgemm_compute)")
+    lib, (pack_size, pack, compute, threads_local) = mkl
+    pack_size.restype = ctypes.c_size_t
+    pack_size.argtypes = [ctypes.c_int] * 4
+    pack.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    compute.argtypes = [ctypes.c_int] * 6 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
+                                             ctypes.c_void_p, ctypes.c_int]
+    threads_local(1)  # MKL on this thread only, as in the search's workers
+    return lib
 
 
 class PackedBlocks:
@@ -96,9 +91,6 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     lib = load_mkl()
-    threads_local = getattr(lib, "MKL_Set_Num_Threads_Local", None)
-    if threads_local is not None:
-        threads_local(1)
     d = args.dim
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     n = max(max(8 * w for _, w in shapes), args.queries)

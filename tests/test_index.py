@@ -515,6 +515,7 @@ def test_check_finite_row_sum_shortcut_matches_elementwise() -> None:
     "nq,n,k,qchunk,chunk",
     [
         (300, 5000, 100, None, None),  # default blocks, several sub-chunks, k + cap > 64 (vectorised select)
+        (600, 3000, 50, None, None),  # two workers when threads = 2 (600 // PACKED_BLOCK rows)
         (257, 4099, 7, 100, 333),  # ragged last sub-chunk and database piece
         (64, 150, 150, 7, 64),  # k = N
         (40, 6000, 5000, None, 2048),  # k + cap above the vectorised select's limit: scalar fallback

@@ -67,9 +67,6 @@ static inline float key_value(uint64_t key) {
 
 static inline int64_t key_id(uint64_t key) { return (int64_t)(0xFFFFFFFFu - (uint32_t)key); }
 
-/* Reorder a[0:n] (distinct keys) so that its k largest come first; returns the k-th largest.
- * Quickselect with a branchless Lomuto partition: a branchy one mispredicts on every other element
- * (random scores), which made merges ~5x slower. */
 /* Median-of-three pivot of a[lo:hi] (hi - lo >= 2), then a branchless Lomuto partition: returns store with
  * a[lo:store] > a[store] = pivot >= a[store + 1:hi]. */
 static int64_t partition_u64(uint64_t* a, int64_t lo, int64_t hi) {
@@ -92,6 +89,9 @@ static int64_t partition_u64(uint64_t* a, int64_t lo, int64_t hi) {
     return store;
 }
 
+/* Reorder a[0:n] (distinct keys) so that its k largest come first; returns the k-th largest.
+ * Quickselect with a branchless Lomuto partition: a branchy one mispredicts on every other element
+ * (random scores), which made merges ~5x slower. */
 static uint64_t select_top_u64(uint64_t* a, int64_t n, int64_t k) {
     int64_t lo = 0, hi = n, want = k - 1;
     while (hi - lo > 1) {
@@ -103,7 +103,6 @@ static uint64_t select_top_u64(uint64_t* a, int64_t n, int64_t k) {
     return a[want];
 }
 
-/* Merge cnt buffered keys into the running top-k; returns the new k-th best score. */
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 static int isa = ISA_SCALAR;
 
@@ -115,8 +114,7 @@ static int isa = ISA_SCALAR;
  * distinct, so a median-of-three pivot is never the maximum and every pass shrinks the candidates.
  * Merges were a quarter of the filter's time at N = 100k, k = 100. For 200 random keys (k = 100, in L1) the
  * previous AVX-512 version (partition, then copy both sides back) took ~2.2k TSC cycles and this one ~1.55k;
- * inside the search (rdtsc-instrumented copy, keys touched first) merges went from ~0.025 to ~0.013 of the
- * matmul time. */
+ * inside the search (benchmarks/profile_packed.py) merges went from ~0.026 to ~0.015 of the matmul time. */
 #define VSEL_MAX 4096
 static __thread uint64_t vsel_tmp[3][VSEL_MAX + 8];
 
@@ -197,9 +195,12 @@ static uint64_t select_top(uint64_t* a, int64_t n, int64_t k) {
     return select_top_u64(a, n, k);
 }
 
+/* Merge cnt buffered keys into the running top-k; returns the new k-th best score. A row's keys are usually
+ * out of cache by its next merge (the blocks in between stream MKL's packed operands through L2), so all
+ * their lines are asked for at once: merges took 0.015-0.017 of the matmul with this, 0.018-0.019 without
+ * (benchmarks/profile_packed.py, 256 x 512 blocks, 4 runs each). Prefetching the next row's push slot 1-8
+ * rows ahead in the scan made no measurable difference and is not done. */
 static float merge(uint64_t* rk, int64_t k, int64_t cnt) {
-    /* A row's keys are usually out of cache by its next merge (the blocks in between stream MKL's packed
-     * operands through L2): ask for all their lines at once, not one miss after another. */
     for (int64_t j = 0; j < k + cnt; j += 8) __builtin_prefetch(rk + j, 1, 3);
     uint64_t kth = select_top(rk, k + cnt, k);
     return kth < EMPTY_LIMIT ? -INFINITY : key_value(kth); /* fewer than k scores so far */
@@ -329,8 +330,6 @@ static inline void scan_avx512(const float* row, int64_t width, int64_t offset, 
         uint64_t* rk = keys + r * (k + cap);                                                                    \
         float t = thr[r];                                                                                       \
         int64_t c = cnt[r];                                                                                     \
-        if (r + 1 < rows) /* the next row's next push slot, so that its first survivor does not wait for it */  \
-            __builtin_prefetch(keys + (r + 1) * (k + cap) + k + cnt[r + 1], 1, 3);                              \
         int first = isinf(t) && t < 0;                                                                          \
         if (first && width >= 2 * k) /* ">= floor" as "> the float just below it" */                           \
             t = nextafterf(first_block_floor(row, width, k, scratch, scratch_keys), -INFINITY);                \
@@ -427,6 +426,17 @@ static void sort_desc_rank_avx512(uint64_t* a, int64_t n) {
 }
 #endif
 
+/* Sort a[0:n] (distinct keys) in decreasing order, by the fastest version this CPU runs. */
+static void sort_desc(uint64_t* a, int64_t n) {
+#ifdef TOPK_X86
+    if (isa == ISA_AVX512 && n <= RANK_SORT_MAX) {
+        sort_desc_rank_avx512(a, n);
+        return;
+    }
+#endif
+    sort_desc_u64(a, n);
+}
+
 /* Merge what is buffered and write each row's top-k (-inf / -1 for empty slots), best first when `sorted`
  * (score descending, then id ascending: the key order), else in no particular order. */
 static void finish_rows(uint64_t* keys, int64_t* cnt, int64_t rows, int64_t k, int64_t cap, float* vals, int64_t* ids,
@@ -437,13 +447,7 @@ static void finish_rows(uint64_t* keys, int64_t* cnt, int64_t rows, int64_t k, i
             select_top(rk, k + cnt[r], k);
             cnt[r] = 0;
         }
-        if (sorted) {
-#ifdef TOPK_X86
-            if (isa == ISA_AVX512 && k <= RANK_SORT_MAX) sort_desc_rank_avx512(rk, k);
-            else
-#endif
-                sort_desc_u64(rk, k);
-        }
+        if (sorted) sort_desc(rk, k);
         for (int64_t j = 0; j < k; j++) {
             vals[r * ld_out + j] = rk[j] < EMPTY_LIMIT ? -INFINITY : key_value(rk[j]);
             ids[r * ld_out + j] = rk[j] < EMPTY_LIMIT ? -1 : key_id(rk[j]);

@@ -92,8 +92,8 @@ except ImportError:  # pragma: no cover - depends on the build
 
 NEG_INF = float("-inf")
 _LEVEL2 = 8  # level-1 groups per level-2 group in the threshold filter
-#: default block shapes: (query rows, database rows) per block for the fused CPU path and the torch path
-#: per worker thread, packed GEMM (512 KB of scores each, in L2). Against 128 x 512 blocks, measured on one
+#: default block shapes: (query rows, database rows) per block for the fused CPU path and the torch path.
+#: PACKED_BLOCK: per worker thread, packed GEMM (512 KB of scores each, in L2). Against 128 x 512 blocks, measured on one
 #: thread (benchmarks/packed_gemm.py, 24 rounds): the GEMM ran at a median 0.954 vs 0.921 of a large torch.mm,
 #: while the filter cost ~0.005 more of the matmul (benchmarks/profile_packed.py): ~2.5% faster net
 PACKED_BLOCK = (256, 512)
@@ -114,7 +114,7 @@ TORCH_BLOCK = (4096, 4096)
 CUDA_BLOCKS = ((16384, 65536), (8192, 65536), (8192, 16384), (4096, 4096))
 PRECISIONS = ("highest", "high", "medium")
 _MIN_WORKER_ROWS = 64  # fewer query rows per worker than this: use the inline schedule
-#: fewer queries than this: not the packed schedule (packing the database, one copy of it, would not pay)
+#: fewer queries than this: not the packed schedule (packing every database piece once per call would not pay)
 PACKED_MIN_QUERIES = 1024
 _MAX_FUSED_IDS = 2**32 - 2  # the fused path packs ids into 32 bits
 _THREADS_LOCK = threading.Lock()  # torch's thread count is process-wide: one worker-thread search at a time
@@ -134,30 +134,34 @@ _BLAS_NAMES = (
 _packed_state: dict[str, bool] = {}
 
 
-def _find_packed_gemm() -> bool:
-    """Look MKL's packed-GEMM functions up in the loaded ``libtorch_cpu`` (torch's x86 wheels link MKL
-    statically and export them) and hand their addresses to the C extension; False when absent."""
+def mkl_packed_gemm() -> Optional[tuple[Any, list[Any]]]:
+    """The loaded ``libtorch_cpu`` (torch's x86 wheels link MKL statically and export it) as a ``ctypes.CDLL``
+    with MKL's ``cblas_sgemm_pack_get_size``, ``cblas_sgemm_pack``, ``cblas_sgemm_compute`` and
+    ``mkl_set_num_threads_local`` functions, in that order; None when absent."""
     import ctypes
     import glob
 
-    if _fused is None:
-        return False
     libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
     for path in sorted(glob.glob(os.path.join(libdir, "libtorch_cpu.*"))):
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        found = []
-        for names in _BLAS_NAMES:
-            fn = next((getattr(lib, name) for name in names if hasattr(lib, name)), None)
-            if fn is None:
-                break
-            found.append(ctypes.cast(fn, ctypes.c_void_p).value)
-        if len(found) == len(_BLAS_NAMES):
-            _fused.set_blas(*found)
-            return True
-    return False
+        found = [next((getattr(lib, name) for name in names if hasattr(lib, name)), None) for names in _BLAS_NAMES]
+        if all(fn is not None for fn in found):
+            return lib, found
+    return None
+
+
+def _find_packed_gemm() -> bool:
+    """Hand MKL's packed-GEMM function addresses to the C extension; False when absent."""
+    import ctypes
+
+    mkl = mkl_packed_gemm() if _fused is not None else None
+    if mkl is None:
+        return False
+    _fused.set_blas(*(ctypes.cast(fn, ctypes.c_void_p).value for fn in mkl[1]))
+    return True
 
 
 def packed_available() -> bool:
