@@ -4,9 +4,9 @@ For each ``N``: ``N`` random unit vectors of size ``d`` (float32) are both the q
 as in offline mining (every training document is a query against the whole corpus), and we time:
 
 - **exact** (:func:`contrastive.index.exact_topk`, fused CPU path): with MKL in torch (x86 wheels) and at
-  least ``PACKED_MIN_QUERIES`` queries, each worker thread searches whole query chunks in one call of the
-  C extension: MKL's packed GEMM computes 256 x 512 score blocks (in L2) and the compiled top-k kernel
-  filters each right away; otherwise each worker computes ``query_chunk x chunk`` blocks with a
+  least ``PACKED_MIN_QUERIES`` queries, the worker threads share one call of the C extension per query
+  chunk, taking its 256-row sub-chunks one at a time: MKL's packed GEMM computes 256 x 512 score blocks
+  and the compiled top-k kernel filters each right away; otherwise each worker computes ``query_chunk x chunk`` blocks with a
   single-threaded ``torch.mm`` and filters them. Achieved rate = ``2 * Q * N * d / time``, next to the
   **matmul rate** of this machine measured in the same run. The headline ``vs mm (paired)`` divides by
   the rate of a large ``(4096, d) @ (d, 16384)`` matmul timed around each slice of the search (see
@@ -27,7 +27,8 @@ Peak memory: a sampling thread reads the resident set (``/proc/self/statm``) eve
 call; ``peak RSS Δ`` is the peak minus the RSS just before the call. For the exact method it should stay
 near the per-worker buffers, whatever ``N`` is: the score buffer (``query_chunk x chunk x 4`` bytes, or
 one 256 x 512 block in the packed schedule), the packed schedule's per-query state (top-k keys and packed
-queries of one query chunk, at most ``PACKED_MEMORY`` for all workers) and the ``(Q, k)`` outputs;
+queries of one query chunk, at most ``PACKED_MEMORY``), two groups of packed database pieces and the
+``(Q, k)`` outputs;
 the full ``Q x N`` score matrix is printed next to it.
 
 Threads: ``torch.set_num_threads(--threads)`` (default: all cores) and ``OMP_WAIT_POLICY=PASSIVE``
@@ -383,7 +384,8 @@ def main(argv: Optional[list[str]] = None) -> None:
           f"{args.threads} concurrent single-thread matmuls {mm_conc:.1f} GFLOP/s (best of {args.repeats})", flush=True)
     if fused and packed_available() and not (args.query_chunk_size or args.chunk_size):
         print(f"# the exact search runs the packed schedule: {PACKED_BLOCK[0]} x {PACKED_BLOCK[1]} MKL packed-GEMM "
-              f"blocks, up to {PACKED_CHUNK} queries per worker call (the score-block size above is the fallback's)")
+              f"blocks, up to {PACKED_CHUNK} queries per call shared by all worker threads (the score-block size above "
+              "is the fallback's)")
     all_rows: list[Row] = []
     for n in args.n:
         rows = run_n(n, args)

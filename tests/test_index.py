@@ -128,19 +128,19 @@ def test_fused_topk_matches_stable_sort(nq: int, n: int, k: int, chunk: int, qch
 
 
 def test_packed_rows_bounded_by_memory_and_balanced() -> None:
-    """Packed-schedule calls: equal, a multiple of the workers, within PACKED_CHUNK and PACKED_MEMORY."""
+    """Packed-schedule calls: equal (the last may be shorter), within PACKED_CHUNK and PACKED_MEMORY."""
     from contrastive.index import exact
 
-    for nq, d, k, workers in [(100_000, 256, 100, 2), (100_000, 256, 100, 64), (5000, 1024, 2000, 3), (1024, 8, 1, 1)]:
+    for nq, d, k in [(100_000, 256, 100), (100_000, 256, 5000), (5000, 1024, 2000), (1024, 8, 1), (16_385, 8, 1)]:
         cap = max(k, 64)
-        rows = exact._packed_rows(nq, d, k, cap, workers)
+        rows = exact._packed_rows(nq, d, k, cap)
         calls = -(-nq // rows)
-        assert rows <= exact.PACKED_CHUNK and calls % workers == 0, (nq, workers, rows)
-        state = workers * rows * ((k + cap) * 8 + d * 4)
-        assert state <= exact.PACKED_MEMORY or rows <= exact.PACKED_BLOCK[0], (nq, workers, rows, state)
-    assert exact._packed_rows(100_000, 256, 100, 100, 2) == 12_500  # 8 calls of 12,500: 4 per worker
-    assert exact._packed_rows(100_000, 256, 100, 100, 64) == 1563  # memory-bound: 64 calls of 1,563
-    assert exact._packed_rows(10_000, 256, 100, 100, 2, qchunk=1000) == 1000
+        assert rows <= exact.PACKED_CHUNK and nq - (calls - 1) * rows > rows - calls, (nq, rows)
+        state = rows * ((k + cap) * 8 + d * 4)
+        assert state <= exact.PACKED_MEMORY or rows <= exact.PACKED_BLOCK[0], (nq, rows, state)
+    assert exact._packed_rows(100_000, 256, 100, 100) == 14_286  # 7 calls of 14,286 (the last 14,284)
+    assert exact._packed_rows(100_000, 256, 5000, 5000) == 3226  # memory-bound: 31 calls of 3,226
+    assert exact._packed_rows(10_000, 256, 100, 100, qchunk=1000) == 1000
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
@@ -515,8 +515,9 @@ def test_check_finite_row_sum_shortcut_matches_elementwise() -> None:
     "nq,n,k,qchunk,chunk",
     [
         (300, 5000, 100, None, None),  # default blocks, several sub-chunks, k + cap > 64 (vectorised select)
-        (600, 3000, 50, None, None),  # two workers when threads = 2 (600 // PACKED_BLOCK rows)
-        (257, 4099, 7, 100, 333),  # ragged last sub-chunk and database piece
+        (600, 3000, 50, None, None),  # three sub-chunks, shared by two threads when threads = 2
+        (257, 4099, 7, 100, 333),  # ragged last sub-chunk and database piece, calls of 100 queries
+        (700, 4099, 7, None, 333),  # the same in one call: 3 ragged sub-chunks x 2 groups of pieces, 2 threads
         (64, 150, 150, 7, 64),  # k = N
         (40, 6000, 5000, None, 2048),  # k + cap above the vectorised select's limit: scalar fallback
     ],

@@ -25,10 +25,8 @@
  * descending sort of each full score row. Database ids reach a row in increasing order, so a new score
  * equal to the k-th best can never displace it: the filter is a strict ">".
  *
- * First block of a row (thr == -inf): the block is cut into n1 >= 2k strided groups of g columns
- * (column j is in group j mod n1) and the k-th largest group maximum is a lower bound of the k-th best
- * score (at least k distinct scores reach it), so only scores >= that bound are buffered.
- * Scores must be finite (the Python caller checks its inputs).
+ * First block of a row (thr == -inf): no filter; one select over the row's keys and all the block's scores
+ * (first_block). Scores must be finite (the Python caller checks its inputs).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -36,6 +34,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -206,18 +205,17 @@ static float merge(uint64_t* rk, int64_t k, int64_t cnt) {
     return kth < EMPTY_LIMIT ? -INFINITY : key_value(kth); /* fewer than k scores so far */
 }
 
-/* Lower bound of the k-th best score of row[0:width] from strided group maxima (needs width >= 2k). */
-static float first_block_floor(const float* row, int64_t width, int64_t k, float* scratch, uint64_t* keys) {
-    int64_t g = 1;
-    while (width / (2 * g) >= 2 * k) g *= 2; /* n1 = width / g stays >= 2k */
-    int64_t n1 = width / g;
-    memcpy(scratch, row, (size_t)n1 * sizeof(float));
-    for (int64_t s = 1; s < g; s++) {
-        const float* seg = row + s * n1;
-        for (int64_t j = 0; j < n1; j++) scratch[j] = seg[j] > scratch[j] ? seg[j] : scratch[j];
-    }
-    for (int64_t j = 0; j < n1; j++) keys[j] = make_key(scratch[j], j); /* distinct keys: no quickselect on ties */
-    return key_value(select_top(keys, n1, k));
+/* A row's first block (thr == -inf): the top-k of the keys it holds (rk[0:k + c]) and the block's scores, by one
+ * select over all of them into tmp (k + c + width slots), written to rk[0:k]; returns the new k-th best score
+ * (-inf while fewer than k). Scanning this block against a floor from group maxima instead pushed ~130 survivors
+ * and merged twice: ~8k TSC cycles per row at 512 columns, k = 100, against ~3k for this. */
+static float first_block(const float* row, int64_t width, int64_t offset, uint64_t* rk, int64_t k, int64_t c,
+                         uint64_t* tmp) {
+    memcpy(tmp, rk, (size_t)(k + c) * sizeof(uint64_t));
+    for (int64_t j = 0; j < width; j++) tmp[k + c + j] = make_key(row[j], offset + j);
+    uint64_t kth = select_top(tmp, k + c + width, k);
+    memcpy(rk, tmp, (size_t)k * sizeof(uint64_t));
+    return kth < EMPTY_LIMIT ? -INFINITY : key_value(kth);
 }
 
 #define PUSH(v, id)                                          \
@@ -330,13 +328,11 @@ static inline void scan_avx512(const float* row, int64_t width, int64_t offset, 
         uint64_t* rk = keys + r * (k + cap);                                                                    \
         float t = thr[r];                                                                                       \
         int64_t c = cnt[r];                                                                                     \
-        int first = isinf(t) && t < 0;                                                                          \
-        if (first && width >= 2 * k) /* ">= floor" as "> the float just below it" */                           \
-            t = nextafterf(first_block_floor(row, width, k, scratch, scratch_keys), -INFINITY);                \
-        SCAN_CALL;                                                                                              \
-        if (first && c) { /* the floor is not a k-th best score: merge so that thr is one */                    \
-            t = merge(rk, k, c);                                                                                \
+        if (isinf(t) && t < 0) {                                                                                \
+            t = first_block(row, width, offset, rk, k, c, scratch_keys);                                        \
             c = 0;                                                                                              \
+        } else {                                                                                                \
+            SCAN_CALL;                                                                                          \
         }                                                                                                       \
         thr[r] = t;                                                                                             \
         cnt[r] = c;                                                                                             \
@@ -344,7 +340,7 @@ static inline void scan_avx512(const float* row, int64_t width, int64_t offset, 
 
 #define UPDATE_ROWS_ARGS                                                                                        \
     const float *block, int64_t rows, int64_t width, int64_t ld, int64_t offset, uint64_t *keys, float *thr,    \
-        int64_t *cnt, int64_t k, int64_t cap, float *scratch, uint64_t *scratch_keys
+        int64_t *cnt, int64_t k, int64_t cap, uint64_t *scratch_keys
 
 static void update_rows_scalar(UPDATE_ROWS_ARGS) { UPDATE_ROWS_BODY(scan_scalar(row, 0, width, offset, rk, k, cap, &t, &c)) }
 #ifdef TOPK_X86
@@ -358,12 +354,16 @@ __attribute__((target("avx512f,bmi"))) static void update_rows_avx512(UPDATE_ROW
 
 static void update_rows(UPDATE_ROWS_ARGS) {
 #ifdef TOPK_X86
-    if (isa == ISA_AVX512) update_rows_avx512(block, rows, width, ld, offset, keys, thr, cnt, k, cap, scratch, scratch_keys);
-    else if (isa == ISA_AVX2) update_rows_avx2(block, rows, width, ld, offset, keys, thr, cnt, k, cap, scratch, scratch_keys);
+    if (isa == ISA_AVX512) update_rows_avx512(block, rows, width, ld, offset, keys, thr, cnt, k, cap, scratch_keys);
+    else if (isa == ISA_AVX2) update_rows_avx2(block, rows, width, ld, offset, keys, thr, cnt, k, cap, scratch_keys);
     else
 #endif
-        update_rows_scalar(block, rows, width, ld, offset, keys, thr, cnt, k, cap, scratch, scratch_keys);
+        update_rows_scalar(block, rows, width, ld, offset, keys, thr, cnt, k, cap, scratch_keys);
 }
+
+/* uint64 slots of an update's scratch_keys: first_block's k + cap + width keys, or the scans' group starts
+ * and survivor columns (int32, width + 8 keys' room). */
+static size_t scratch_slots(int64_t width, int64_t k, int64_t cap) { return (size_t)((width > 0 ? width : 1) + k + cap + 8); }
 
 static void* as_ptr(unsigned long long p) { return (void*)(uintptr_t)p; }
 
@@ -469,14 +469,11 @@ static int update_parallel(const float* block, int64_t rows, int64_t width, int6
         nt = omp_get_num_threads();
 #endif
         int64_t lo = rows * t / nt, hi = rows * (t + 1) / nt;
-        size_t slots = (size_t)(width > 0 ? width : 1);
-        float* scratch = (float*)malloc(slots * sizeof(float));
-        uint64_t* scratch_keys = (uint64_t*)malloc((slots + 8) * sizeof(uint64_t)); /* + the scans' slack */
-        if (!scratch || !scratch_keys) failed = 1;
+        uint64_t* scratch_keys = (uint64_t*)malloc(scratch_slots(width, k, cap) * sizeof(uint64_t));
+        if (!scratch_keys) failed = 1;
         else
             update_rows(block + lo * ld, hi - lo, width, ld, offset, keys + lo * (k + cap), thr + lo, cnt + lo, k, cap,
-                        scratch, scratch_keys);
-        free(scratch);
+                        scratch_keys);
         free(scratch_keys);
     }
     return failed;
@@ -564,6 +561,14 @@ static int blas_ready(void) {
     return 0;
 }
 
+/* Wait until *x >= v (resp. == v), another thread's release store (rare and short: yield, not spin). */
+static void wait_at_least(int64_t* x, int64_t v) {
+    while (__atomic_load_n(x, __ATOMIC_ACQUIRE) < v) sched_yield();
+}
+static void wait_equal(int64_t* x, int64_t v) {
+    while (__atomic_load_n(x, __ATOMIC_ACQUIRE) != v) sched_yield();
+}
+
 static int bad_block(long long rows, long long width, long long d) {
     if (rows < 1 || width < 1 || d < 1 || rows > 1 << 20 || width > 1 << 20 || d > 1 << 20) {
         PyErr_SetString(PyExc_ValueError, "_topk: rows, width and d must be in [1, 2^20]");
@@ -572,27 +577,42 @@ static int bad_block(long long rows, long long width, long long d) {
     return 0;
 }
 
-/* search_chunk(q_ptr, m, d, db_ptr, n, rows, width, k, cap, vals_ptr, ids_ptr, ld_out, group=8): top-k of m query rows
- * (row-major m x d) over n database rows (row-major n x d), written best first as by finish(..., sorted=True).
+/* search_chunk(q_ptr, m, d, db_ptr, n, rows, width, k, cap, vals_ptr, ids_ptr, ld_out, group=8, threads=1): top-k of
+ * m query rows (row-major m x d) over n database rows (row-major n x d), written best first as by
+ * finish(..., sorted=True).
  *
  * The m queries are cut into s = ceil(m / rows) sub-chunks of equal size (the last zero-padded), each packed
- * once; the database is walked in pieces of `width` rows, each packed once per call (the last zero-padded)
- * and multiplied with every sub-chunk, so packing a piece is shared by all m queries (~0.5% of the matmul at
- * m = 2048) and nothing is kept per database row. MKL runs on the calling thread only
- * (mkl_set_num_threads_local(1), restored after); the caller runs one call per core.
+ * once; the database is walked in groups of `group` pieces of `width` rows, each piece packed once per call
+ * (the last zero-padded) and multiplied with every sub-chunk, so packing is shared by all m queries (~0.5%
+ * of the matmul at m = 2048) and nothing is kept per database row.
+ *
+ * `threads` OpenMP threads share the call. They pack the queries together, then take tasks (sub-chunk i,
+ * group g) from one shared ticket counter, in the order g * s + i, until none is left: a task multiplies the
+ * sub-chunk's packed queries with the group's pieces and filters each block, so the rows' state stays in one
+ * core's cache for the group. The thread that takes a group's first task packs the group, into one of two
+ * slots (the slot of group g - 2, once every task of that group is done); the others wait for it if they
+ * get there first, and a task also waits until the same sub-chunk's task of the group before is done (a
+ * row must see the database in increasing id order, see the top of the file). There is no barrier between
+ * groups, so a faster core simply takes more tasks. Each thread runs MKL on its own thread only
+ * (mkl_set_num_threads_local(1), restored after). Measured on the shared 2-core VM (N = 100k, 10k
+ * queries), whose cores ran ~10% apart: one call per worker thread kept both cores busy 94% of the time
+ * (the faster one idled at the end), a barrier after each group 96-98%.
  *
  * MKL's pack_get_size reserves ~8 MB per packed operand whatever its size, of which only about the operand's
  * own size is written, so the buffers are malloc'ed (untouched pages cost no memory). */
 static PyObject* py_search_chunk(PyObject* self, PyObject* args) {
     unsigned long long pq, pdb, pvals, pids;
     long long m, d, n, rows, width, k, cap, ld_out, group = 8;
-    if (!PyArg_ParseTuple(args, "KLLKLLLLLKKL|L", &pq, &m, &d, &pdb, &n, &rows, &width, &k, &cap, &pvals, &pids, &ld_out,
-                          &group))
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "KLLKLLLLLKKL|Li", &pq, &m, &d, &pdb, &n, &rows, &width, &k, &cap, &pvals, &pids, &ld_out,
+                          &group, &threads))
         return NULL;
     if (!blas_ready() || bad_block(rows, width, d)) return NULL;
-    if (m < 1 || m > 1 << 24 || n < 1 || k < 1 || cap < 1 || ld_out < k || n >= 0xFFFFFFFFLL || group < 1 || group > 1024) {
+    if (m < 1 || m > 1 << 24 || n < 1 || k < 1 || cap < 1 || ld_out < k || n >= 0xFFFFFFFFLL || group < 1 || group > 1024
+        || threads < 1 || threads > 1024) {
         PyErr_SetString(PyExc_ValueError,
-                        "_topk.search_chunk: bad sizes (need 1 <= m <= 2^24, k, cap >= 1, 1 <= group <= 1024, ids < 2^32 - 1)");
+                        "_topk.search_chunk: bad sizes (need 1 <= m <= 2^24, k, cap >= 1, 1 <= group <= 1024, "
+                        "1 <= threads <= 1024, ids < 2^32 - 1)");
         return NULL;
     }
     const float* q = (const float*)as_ptr(pq);
@@ -600,67 +620,92 @@ static PyObject* py_search_chunk(PyObject* self, PyObject* args) {
     int64_t subs = (m + rows - 1) / rows, sub = (m + subs - 1) / subs;
     int64_t tail = m - (subs - 1) * sub; /* rows of the last sub-chunk, 1..sub */
     if (width > n) width = n;
+    if (threads > subs) threads = (int)subs;
     size_t a_bytes = round_up(blas_pack_size(CBLAS_A, (int)sub, (int)width, (int)d));
     size_t b_bytes = round_up(blas_pack_size(CBLAS_B, (int)sub, (int)width, (int)d));
+    size_t block_bytes = round_up((size_t)(sub * width) * sizeof(float));
+    size_t scratch_bytes = round_up(scratch_slots(width, k, cap) * sizeof(uint64_t));
     char* apack = (char*)aligned_alloc(PACK_ALIGN, a_bytes * (size_t)subs);
-    char* bpack = (char*)aligned_alloc(PACK_ALIGN, b_bytes * (size_t)group);
-    float* block = (float*)aligned_alloc(PACK_ALIGN, round_up((size_t)(sub * width) * sizeof(float)));
+    char* bpack = (char*)aligned_alloc(PACK_ALIGN, b_bytes * (size_t)group * 2); /* two groups' slots */
+    int64_t* done = (int64_t*)calloc((size_t)subs, sizeof(int64_t)); /* groups each sub-chunk has seen */
+    int64_t packed[2] = {0, 0};                                          /* 1 + the group packed in each slot */
+    char* per_thread = (char*)aligned_alloc(PACK_ALIGN, (block_bytes + scratch_bytes) * (size_t)threads);
     uint64_t* keys = (uint64_t*)malloc((size_t)(m * (k + cap)) * sizeof(uint64_t));
     float* thr = (float*)malloc((size_t)m * sizeof(float));
     int64_t* cnt = (int64_t*)malloc((size_t)m * sizeof(int64_t));
-    float* scratch = (float*)malloc((size_t)width * sizeof(float));
-    uint64_t* scratch_keys = (uint64_t*)malloc((size_t)(width + 8) * sizeof(uint64_t)); /* + the scans' slack */
-    int64_t pad_rows = tail < sub ? sub : 0; /* a zero-padded copy of the last sub-chunk or database piece */
-    if (n % width && width > pad_rows) pad_rows = width;
-    float* pad = pad_rows ? (float*)calloc((size_t)(pad_rows * d), sizeof(float)) : NULL;
-    int ok = apack && bpack && block && keys && thr && cnt && scratch && scratch_keys && (!pad_rows || pad);
+    /* zero-padded copies of the last sub-chunk and of the last database piece, when short */
+    float* pad_a = tail < sub ? (float*)calloc((size_t)(sub * d), sizeof(float)) : NULL;
+    float* pad_b = n % width ? (float*)calloc((size_t)(width * d), sizeof(float)) : NULL;
+    int ok = apack && bpack && done && per_thread && keys && thr && cnt && (tail == sub || pad_a) && (n % width == 0 || pad_b);
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
-        int before = blas_threads_local(1);
-        for (int64_t i = 0; i < subs; i++) {
-            const float* src = q + i * sub * d;
-            if (i == subs - 1 && tail < sub) { /* zero rows up to the packed shape; their scores are never read */
-                memcpy(pad, src, (size_t)(tail * d) * sizeof(float));
-                memset(pad + tail * d, 0, (size_t)((sub - tail) * d) * sizeof(float));
-                src = pad;
-            }
-            blas_pack(CBLAS_ROW_MAJOR, CBLAS_A, CBLAS_NO_TRANS, (int)sub, (int)width, (int)d, 1.0f, src, (int)d,
-                      (float*)(apack + i * a_bytes));
-        }
+        if (pad_a) memcpy(pad_a, q + (subs - 1) * sub * d, (size_t)(tail * d) * sizeof(float));
         init_rows(keys, thr, cnt, m, k, cap);
-        for (int64_t g0 = 0; g0 < n; g0 += group * width) { /* a group of database pieces, packed once */
-            int64_t pieces = 0;
-            for (int64_t c0 = g0; c0 < n && pieces < group; c0 += width, pieces++) {
-                int64_t w = n - c0 < width ? n - c0 : width;
-                const float* src = db + c0 * d;
-                if (w < width) {
-                    memcpy(pad, src, (size_t)(w * d) * sizeof(float));
-                    memset(pad + w * d, 0, (size_t)((width - w) * d) * sizeof(float));
-                    src = pad;
-                }
-                /* B = piece^T (d x width); the piece is row-major (width x d) */
-                blas_pack(CBLAS_ROW_MAJOR, CBLAS_B, CBLAS_TRANS, (int)sub, (int)width, (int)d, 1.0f, src, (int)d,
-                          (float*)(bpack + pieces * b_bytes));
-            }
-            /* each sub-chunk meets the whole group before the next one: its packed queries and its rows' top-k
-             * state stay in L2 across the group's blocks */
+        int64_t groups = (n + group * width - 1) / (group * width), ticket = 0;
+#pragma omp parallel num_threads(threads)
+        {
+            int me = 0;
+#ifdef _OPENMP
+            me = omp_get_thread_num();
+#endif
+            float* block = (float*)(per_thread + (size_t)me * (block_bytes + scratch_bytes));
+            uint64_t* scratch_keys = (uint64_t*)((char*)block + block_bytes);
+            int before = blas_threads_local(1);
+#pragma omp for schedule(static)
             for (int64_t i = 0; i < subs; i++) {
+                const float* src = i == subs - 1 && pad_a ? pad_a : q + i * sub * d;
+                blas_pack(CBLAS_ROW_MAJOR, CBLAS_A, CBLAS_NO_TRANS, (int)sub, (int)width, (int)d, 1.0f, src, (int)d,
+                          (float*)(apack + i * a_bytes));
+            }
+            /* (the loop's barrier: all queries are packed) tasks (sub-chunk i, group g) in the order of their
+             * ticket g * subs + i; see the comment above */
+            for (;;) {
+                int64_t t = __atomic_fetch_add(&ticket, 1, __ATOMIC_RELAXED), g = t / subs, i = t % subs;
+                if (g >= groups) break;
+                int64_t g0 = g * group * width, pieces = (n - g0 + width - 1) / width;
+                if (pieces > group) pieces = group;
+                char* bp = bpack + (size_t)(g & 1) * (size_t)group * b_bytes;
+                if (i == 0) { /* the group's first task packs it, into the slot of group g - 2 once that is done */
+                    for (int64_t j = 0; j < subs; j++) wait_at_least(done + j, g - 1);
+                    for (int64_t p = 0; p < pieces; p++) {
+                        int64_t c0 = g0 + p * width;
+                        const float* src = db + c0 * d;
+                        if (n - c0 < width) { /* only the last piece of the database */
+                            memcpy(pad_b, src, (size_t)((n - c0) * d) * sizeof(float));
+                            src = pad_b;
+                        }
+                        /* B = piece^T (d x width); the piece is row-major (width x d) */
+                        blas_pack(CBLAS_ROW_MAJOR, CBLAS_B, CBLAS_TRANS, (int)sub, (int)width, (int)d, 1.0f, src,
+                                  (int)d, (float*)(bp + p * b_bytes));
+                    }
+                    __atomic_store_n(packed + (g & 1), g + 1, __ATOMIC_RELEASE);
+                } else {
+                    wait_equal(packed + (g & 1), g + 1);
+                }
+                wait_at_least(done + i, g); /* the sub-chunk's rows have seen groups 0 .. g - 1 */
                 int64_t r0 = i * sub, nr = i == subs - 1 ? tail : sub;
                 for (int64_t p = 0; p < pieces; p++) {
                     int64_t c0 = g0 + p * width, w = n - c0 < width ? n - c0 : width;
                     blas_compute(CBLAS_ROW_MAJOR, CBLAS_PACKED, CBLAS_PACKED, (int)sub, (int)width, (int)d,
-                                 (const float*)(apack + i * a_bytes), (int)d, (const float*)(bpack + p * b_bytes),
+                                 (const float*)(apack + i * a_bytes), (int)d, (const float*)(bp + p * b_bytes),
                                  (int)width, 0.0f, block, (int)width);
-                    update_rows(block, nr, w, width, c0, keys + r0 * (k + cap), thr + r0, cnt + r0, k, cap, scratch,
+                    update_rows(block, nr, w, width, c0, keys + r0 * (k + cap), thr + r0, cnt + r0, k, cap,
                                 scratch_keys);
                 }
+                __atomic_store_n(done + i, g + 1, __ATOMIC_RELEASE);
             }
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < subs; i++) {
+                int64_t r0 = i * sub, nr = i == subs - 1 ? tail : sub;
+                finish_rows(keys + r0 * (k + cap), cnt + r0, nr, k, cap, (float*)as_ptr(pvals) + r0 * ld_out,
+                            (int64_t*)as_ptr(pids) + r0 * ld_out, ld_out, 1);
+            }
+            blas_threads_local(before);
         }
-        finish_rows(keys, cnt, m, k, cap, (float*)as_ptr(pvals), (int64_t*)as_ptr(pids), ld_out, 1);
-        blas_threads_local(before);
         Py_END_ALLOW_THREADS
     }
-    free(apack); free(bpack); free(block); free(keys); free(thr); free(cnt); free(scratch); free(scratch_keys); free(pad);
+    free(apack); free(bpack); free(done); free(per_thread); free(keys); free(thr); free(cnt); free(pad_a); free(pad_b);
     if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -685,9 +730,9 @@ static PyMethodDef methods[] = {
      "set_blas(pack_get_size, pack, compute, set_num_threads_local): addresses of MKL's cblas_sgemm_pack_get_size, "
      "cblas_sgemm_pack, cblas_sgemm_compute and mkl_set_num_threads_local, for the packed schedule."},
     {"search_chunk", py_search_chunk, METH_VARARGS,
-     "search_chunk(q_ptr, m, d, db_ptr, n, rows, width, k, cap, vals_ptr, ids_ptr, ld_out): top-k of m float32 "
-     "queries over n float32 database rows by packed GEMM in blocks of about rows x width, written best first as by "
-     "finish(sorted=True). Releases the GIL."},
+     "search_chunk(q_ptr, m, d, db_ptr, n, rows, width, k, cap, vals_ptr, ids_ptr, ld_out, group=8, threads=1): top-k "
+     "of m float32 queries over n float32 database rows by packed GEMM in blocks of about rows x width, on `threads` "
+     "OpenMP threads, written best first as by finish(sorted=True). Releases the GIL."},
     {"isa", py_isa, METH_NOARGS, "Instruction set of the scan: 'avx512', 'avx2' or 'scalar'."},
     {NULL, NULL, 0, NULL},
 };

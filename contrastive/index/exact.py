@@ -98,9 +98,9 @@ _LEVEL2 = 8  # level-1 groups per level-2 group in the threshold filter
 #: while the filter cost ~0.005 more of the matmul (benchmarks/profile_packed.py): ~2.5% faster net
 PACKED_BLOCK = (256, 512)
 PACKED_GROUP = 8  # database pieces packed together; each query sub-chunk meets all of them in a row
-#: query rows per call of the packed schedule: each database piece is packed once per call and serves all of
-#: them (packing cost ~0.013 of the matmul at 4096 rows, ~0.003 at 16384); capped so that all workers' per-row
-#: state (top-k keys and packed queries) stays within PACKED_MEMORY bytes
+#: query rows per call of the packed schedule (all worker threads share a call): each database piece is packed
+#: once per call and serves all of them (packing cost ~0.013 of the matmul at 4096 rows, ~0.003 at 16384);
+#: capped so that the call's per-row state (top-k keys and packed queries) stays within PACKED_MEMORY bytes
 PACKED_CHUNK = 16384
 PACKED_MEMORY = 256 << 20
 FUSED_BLOCK = (1024, 2048)  # per worker thread (8 MB of scores each)
@@ -426,11 +426,12 @@ def exact_topk(
             is short, see :func:`cuda_block`).
         query_chunk_size: query rows per block (default on the fused path: 1024 with worker threads, 512
             inline; ``chunk_size`` or 4096 torch on CPU; 16384 or 8192 on CUDA, 4096 with the smallest
-            block); on the packed schedule (``Q >= 1024`` queries) query rows per worker call (default up
-            to ``PACKED_CHUNK`` = 16384, fewer when all workers' per-query state would pass
-            ``PACKED_MEMORY`` = 256 MB), its blocks being ``256 x 512``. Peak extra memory is about
-            ``query_chunk_size * chunk_size`` scores per worker thread (x1.4 on CUDA); on the packed
-            schedule, ``query_chunk_size * ((k + max(k, 64)) * 8 + d * 4)`` bytes per worker.
+            block); on the packed schedule (``Q >= 1024`` queries) query rows per call, shared by all
+            worker threads (default up to ``PACKED_CHUNK`` = 16384, fewer when the call's per-query
+            state would pass ``PACKED_MEMORY`` = 256 MB), its blocks being ``256 x 512``. Peak extra
+            memory is about ``query_chunk_size * chunk_size`` scores per worker thread (x1.4 on CUDA);
+            on the packed schedule, ``query_chunk_size * ((k + max(k, 64)) * 8 + d * 4)`` bytes, plus
+            one block and two groups of 8 packed database pieces (~8 MB at ``d = 256``).
         group_size: torch path only: columns per group in the threshold filter (a tuning knob).
         merge_every: torch path only: buffered survivors per query before a merge (a tuning knob).
         threads: fused path: worker threads (default ``torch.get_num_threads()``); see the module doc.
@@ -480,10 +481,11 @@ def sort_by_score_then_id(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
 
 def _fused_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int], qchunk: Optional[int],
                 threads: int) -> tuple[Tensor, Tensor]:
-    """The compiled path. With several threads and enough queries, each worker thread owns whole query
-    chunks and runs a single-threaded ``torch.mm`` per block into its own buffer, then filters it (the
-    block is filtered by the core that computed it); otherwise one ``torch.mm`` on torch's threads per
-    block, then the filter with its rows split over ``threads`` OpenMP threads."""
+    """The compiled path: the packed schedule for many queries when MKL's packed GEMM is there; else, with
+    several threads and enough queries, each worker thread owns whole query chunks and runs a
+    single-threaded ``torch.mm`` per block into its own buffer, then filters it (the block is filtered by
+    the core that computed it); otherwise one ``torch.mm`` on torch's threads per block, then the filter
+    with its rows split over ``threads`` OpenMP threads."""
     assert _fused is not None
     nq, n = queries.shape[0], database.shape[0]
     out_v = torch.empty(nq, k, dtype=torch.float32)
@@ -544,47 +546,29 @@ def _fused_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int],
     return out_v, out_i
 
 
-def _packed_rows(nq: int, d: int, k: int, cap: int, workers: int, qchunk: Optional[int] = None) -> int:
-    """Query rows per call of the packed schedule: calls of equal size (the last may be shorter), their number
-    a multiple of ``workers`` so that no core idles at the end, each at most ``qchunk`` rows or by default
-    ``PACKED_CHUNK``, fewer when the workers' per-query state (top-k keys and packed queries) would pass
-    ``PACKED_MEMORY`` bytes."""
+def _packed_rows(nq: int, d: int, k: int, cap: int, qchunk: Optional[int] = None) -> int:
+    """Query rows per call of the packed schedule (all worker threads share a call): calls of equal size (the
+    last may be shorter), each at most ``qchunk`` rows or by default ``PACKED_CHUNK``, fewer when the call's
+    per-query state (top-k keys and packed queries) would pass ``PACKED_MEMORY`` bytes."""
     row_bytes = (k + cap) * 8 + d * 4  # a query's keys (see _topk.c) and its packed copy
-    target = qchunk or max(PACKED_BLOCK[0], min(PACKED_CHUNK, PACKED_MEMORY // (workers * row_bytes)))
-    chunks = -(-max(1, -(-nq // target)) // workers) * workers
-    return -(-nq // chunks)
+    target = qchunk or max(PACKED_BLOCK[0], min(PACKED_CHUNK, PACKED_MEMORY // row_bytes))
+    return -(-nq // -(-nq // target))
 
 
 def _packed_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int], qchunk: Optional[int],
                  threads: int, cap: int, out_v: Tensor, out_i: Tensor) -> None:
-    """The packed schedule (see the module doc): worker threads each search whole query chunks in one call
-    of the C extension; results sorted into ``out_v`` / ``out_i``. The chunks are made equal and their
-    number a multiple of the workers, so that no core idles at the end."""
+    """The packed schedule (see the module doc): query chunks one after another, each searched in one call of
+    the C extension by ``threads`` OpenMP threads, which take its 256-row sub-chunks from a shared counter;
+    results sorted into ``out_v`` / ``out_i``."""
     assert _fused is not None
     nq, d = queries.shape
     n = database.shape[0]
-    workers = max(1, min(threads, nq // PACKED_BLOCK[0]))
-    rows = _packed_rows(nq, d, k, cap, workers, qchunk)
+    rows = _packed_rows(nq, d, k, cap, qchunk)
     block_rows, width = min(PACKED_BLOCK[0], rows), min(chunk or PACKED_BLOCK[1], n)
-    starts = iter(range(0, nq, rows))
-    take = threading.Lock()
-
-    def work() -> None:
-        while True:
-            with take:
-                q0 = next(starts, None)
-            if q0 is None:
-                return
-            m = min(rows, nq - q0)
-            _fused.search_chunk(queries[q0].data_ptr(), m, d, database.data_ptr(), n, block_rows, width, k, cap,
-                                out_v[q0].data_ptr(), out_i[q0].data_ptr(), k, PACKED_GROUP)  # sorted
-
-    if workers <= 1:
-        work()
-        return
-    with ThreadPoolExecutor(workers, thread_name_prefix="exact-topk") as pool:
-        for f in [pool.submit(work) for _ in range(workers)]:
-            f.result()
+    for q0 in range(0, nq, rows):
+        m = min(rows, nq - q0)
+        _fused.search_chunk(queries[q0].data_ptr(), m, d, database.data_ptr(), n, block_rows, width, k, cap,
+                            out_v[q0].data_ptr(), out_i[q0].data_ptr(), k, PACKED_GROUP, max(1, threads))  # sorted
 
 
 def _torch_topk(queries: Tensor, database: Tensor, k: int, chunk: int, qchunk: int, group_size: int,
