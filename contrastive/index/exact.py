@@ -21,17 +21,21 @@ schedules, picked by :func:`exact_topk`:
 - **Packed** (many queries, torch built with MKL, as its x86 wheels are): MKL's packed GEMM
   (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``, found in the loaded ``libtorch_cpu``) packs the
   database pieces and query sub-chunks once per call, after which small blocks (``256 x 512`` scores,
-  512 KB) run at the full matmul rate, and the filter reads each block while it is still in the core's
-  L2 cache. One worker thread per core owns whole query chunks; MKL runs single-threaded inside each
-  (``mkl_set_num_threads_local``, nothing process-wide changes). Database pieces are packed per call
-  (groups of 8, shared by all of the call's queries), so no copy of the database is kept. Measured on
-  the shared 2-core machine at ``N = 100k``, ``d = 256``, ``k = 100`` (``benchmarks/profile_packed.py``,
-  one worker, 8192 queries): the filter costs ~0.07 of the block matmuls (merges ~0.015), packing
-  ~0.008, the sorted finish ~0.005, so the search runs at ~0.92 of its own matmuls' rate; the block
-  GEMM itself ran at a median 0.954 of a large ``torch.mm`` (``benchmarks/packed_gemm.py``), and
-  against a large ``torch.mm`` timed around it (``benchmarks/mining.py``) the search reached 0.91, 0.89
-  and 0.89 over all 100k queries in three runs, on a machine whose matmul speed swung by up to 1.5x
-  between adjacent seconds.
+  512 KB) run at the full matmul rate, and the filter reads each block right after it is written. All
+  worker threads share each call (OpenMP inside the C extension): they take tasks (256-query sub-chunk x
+  group of 8 database pieces) from one ticket counter, with no barrier between groups, so a faster core
+  takes more of them; MKL runs single-threaded inside each (``mkl_set_num_threads_local``, nothing
+  process-wide changes). Database pieces are packed per call (two groups at a time, shared by all of
+  the call's queries), so no copy of the database is kept. Measured on the shared 2-core machine at
+  ``N = 100k``, ``d = 256``, ``k = 100`` (``benchmarks/profile_packed.py``, one worker, 8192 queries):
+  the filter costs ~0.08 of the block matmuls (merges ~0.013, the rows' first blocks ~0.005), packing
+  ~0.01, the sorted finish ~0.006, so the search runs at ~0.91 of its own matmuls' rate; the block GEMM
+  itself ran at a median 0.95-0.99 of a large ``torch.mm`` (``benchmarks/packed_gemm.py``), and against
+  a large ``torch.mm`` timed around it (``benchmarks/mining.py``) the search reached 0.90-1.02 over all
+  100k queries in nine runs (0.94 on average), on a machine whose matmul speed swung by up to 1.5x
+  between adjacent seconds. With one call per worker thread instead, the faster of two cores that ran
+  ~10% apart idled at the end of each call (94% busy at 24,576 queries), and three alternating runs gave
+  0.90 / 0.88 / 0.94 against 0.95 / 0.90 / 0.96.
 - **Worker threads** (many queries, no packed GEMM): each worker runs a single-threaded ``torch.mm``
   per ``1024 x 2048`` block (8 MB) into its own buffer, then filters it. A block that size must come
   back from L3 or memory, so the filter costs about a tenth of the matmul (0.85-0.88 of the rate).
