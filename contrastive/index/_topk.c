@@ -527,8 +527,10 @@ static PyObject* py_finish(PyObject* self, PyObject* args) {
  * With torch.mm per block, a block must be large (~1024 x 2048, 8 MB) for the matmul to run at full rate, so
  * the filter reads it back from L3 or memory. MKL's packed GEMM (cblas_sgemm_pack / cblas_sgemm_compute)
  * packs each operand once into the layout its kernels read, after which small blocks (256 x 512 scores,
- * 512 KB, in L2) run at the full matmul rate, and the filter reads each block while it is still in L2. torch's x86 wheels carry MKL; exact.py looks the four functions up in the loaded
- * libtorch_cpu and hands their addresses to set_blas (no link-time dependency; without them this schedule
+ * 512 KB) run at the full matmul rate, and the filter reads each block right after it is written (with the
+ * packed operands streaming through the same 1 MB L2, the scan still reads at about L3 speed: ~0.025 of
+ * the matmul, benchmarks/profile_packed.py). torch's x86 wheels carry MKL; exact.py looks the four
+ * functions up in the loaded libtorch_cpu and hands their addresses to set_blas (no link-time dependency; without them this schedule
  * is simply not offered). MKL_INT is 32-bit (LP64 interface). */
 typedef size_t (*blas_pack_size_fn)(int identifier, int m, int n, int k);
 typedef void (*blas_pack_fn)(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,

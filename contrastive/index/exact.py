@@ -97,7 +97,7 @@ except ImportError:  # pragma: no cover - depends on the build
 NEG_INF = float("-inf")
 _LEVEL2 = 8  # level-1 groups per level-2 group in the threshold filter
 #: default block shapes: (query rows, database rows) per block for the fused CPU path and the torch path.
-#: PACKED_BLOCK: per worker thread, packed GEMM (512 KB of scores each, in L2). Against 128 x 512 blocks, measured on one
+#: PACKED_BLOCK: per worker thread, packed GEMM (512 KB of scores each). Against 128 x 512 blocks, measured on one
 #: thread (benchmarks/packed_gemm.py, 24 rounds): the GEMM ran at a median 0.954 vs 0.921 of a large torch.mm,
 #: while the filter cost ~0.005 more of the matmul (benchmarks/profile_packed.py): ~2.5% faster net
 PACKED_BLOCK = (256, 512)
