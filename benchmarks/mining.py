@@ -6,8 +6,8 @@ as in offline mining (every training document is a query against the whole corpu
 - **exact** (:func:`contrastive.index.exact_topk`, fused CPU path): with MKL in torch (x86 wheels) and at
   least ``PACKED_MIN_QUERIES`` queries, the worker threads share one call of the C extension per query
   chunk, taking its 256-row sub-chunks one at a time: MKL's packed GEMM computes 256 x 512 score blocks
-  and the compiled top-k kernel filters each right away; otherwise each worker computes ``query_chunk x chunk`` blocks with a
-  single-threaded ``torch.mm`` and filters them. Achieved rate = ``2 * Q * N * d / time``, next to the
+  and the compiled top-k kernel filters each right away; otherwise each worker computes
+  ``query_chunk x chunk`` blocks with a single-threaded ``torch.mm`` and filters them. Achieved rate = ``2 * Q * N * d / time``, next to the
   **matmul rate** of this machine measured in the same run. The headline ``vs mm (paired)`` divides by
   the rate of a large ``(4096, d) @ (d, 16384)`` matmul timed around each slice of the search (see
   :class:`PairedReference`), the better of two forms: one ``torch.mm`` on all threads, or one
@@ -25,11 +25,10 @@ as in offline mining (every training document is a query against the whole corpu
 
 Peak memory: a sampling thread reads the resident set (``/proc/self/statm``) every 2 ms during each
 call; ``peak RSS Δ`` is the peak minus the RSS just before the call. For the exact method it should stay
-near the per-worker buffers, whatever ``N`` is: the score buffer (``query_chunk x chunk x 4`` bytes, or
-one 256 x 512 block in the packed schedule), the packed schedule's per-query state (top-k keys and packed
-queries of one query chunk, at most ``PACKED_MEMORY``), two groups of packed database pieces and the
-``(Q, k)`` outputs;
-the full ``Q x N`` score matrix is printed next to it.
+near the search's buffers, whatever ``N`` is: a score buffer per worker (``query_chunk x chunk x 4`` bytes,
+or one 256 x 512 block in the packed schedule), the packed schedule's per-query state (top-k keys and
+packed queries of one query chunk, at most ``PACKED_MEMORY``), two groups of packed database pieces and
+the ``(Q, k)`` outputs; the full ``Q x N`` score matrix is printed next to it.
 
 Threads: ``torch.set_num_threads(--threads)`` (default: all cores) and ``OMP_WAIT_POLICY=PASSIVE``
 unless set otherwise (spinning OpenMP threads collapse throughput on a shared CPU; see the comment at

@@ -517,7 +517,7 @@ def test_check_finite_row_sum_shortcut_matches_elementwise() -> None:
         (300, 5000, 100, None, None),  # default blocks, several sub-chunks, k + cap > 64 (vectorised select)
         (600, 3000, 50, None, None),  # three sub-chunks, shared by two threads when threads = 2
         (257, 4099, 7, 100, 333),  # ragged last sub-chunk and database piece, calls of 100 queries
-        (700, 4099, 7, None, 333),  # the same in one call: 3 ragged sub-chunks x 2 groups of pieces, 2 threads
+        (700, 4099, 7, None, 333),  # the same in one call: 3 ragged sub-chunks x 2 groups of pieces
         (520, 2000, 9, None, 40),  # 3 sub-chunks x 7 groups of 8 pieces: tasks of the next group overtake
         (64, 150, 150, 7, 64),  # k = N
         (40, 6000, 5000, None, 2048),  # k + cap above the vectorised select's limit: scalar fallback

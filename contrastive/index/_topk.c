@@ -530,8 +530,8 @@ static PyObject* py_finish(PyObject* self, PyObject* args) {
  * 512 KB) run at the full matmul rate, and the filter reads each block right after it is written (with the
  * packed operands streaming through the same 1 MB L2, the scan still reads at about L3 speed: ~0.025 of
  * the matmul, benchmarks/profile_packed.py). torch's x86 wheels carry MKL; exact.py looks the four
- * functions up in the loaded libtorch_cpu and hands their addresses to set_blas (no link-time dependency; without them this schedule
- * is simply not offered). MKL_INT is 32-bit (LP64 interface). */
+ * functions up in the loaded libtorch_cpu and hands their addresses to set_blas (no link-time dependency;
+ * without them this schedule is simply not offered). MKL_INT is 32-bit (LP64 interface). */
 typedef size_t (*blas_pack_size_fn)(int identifier, int m, int n, int k);
 typedef void (*blas_pack_fn)(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
                              int ld, float* dest);
@@ -563,12 +563,9 @@ static int blas_ready(void) {
     return 0;
 }
 
-/* Wait until *x >= v (resp. == v), another thread's release store (rare and short: yield, not spin). */
+/* Wait until *x >= v, another thread's release store (rare and short: yield, not spin). */
 static void wait_at_least(int64_t* x, int64_t v) {
     while (__atomic_load_n(x, __ATOMIC_ACQUIRE) < v) sched_yield();
-}
-static void wait_equal(int64_t* x, int64_t v) {
-    while (__atomic_load_n(x, __ATOMIC_ACQUIRE) != v) sched_yield();
 }
 
 static int bad_block(long long rows, long long width, long long d) {
@@ -598,7 +595,8 @@ static int bad_block(long long rows, long long width, long long d) {
  * groups, so a faster core simply takes more tasks. Each thread runs MKL on its own thread only
  * (mkl_set_num_threads_local(1), restored after). Measured on the shared 2-core VM (N = 100k, 10k
  * queries), whose cores ran ~10% apart: one call per worker thread kept both cores busy 94% of the time
- * (the faster one idled at the end), a barrier after each group 96-98%.
+ * (the faster one idled at the end), a barrier after each group 96-98%, these tasks 98-99% (the rest is
+ * packing and the finish).
  *
  * MKL's pack_get_size reserves ~8 MB per packed operand whatever its size, of which only about the operand's
  * own size is written, so the buffers are malloc'ed (untouched pages cost no memory). */
@@ -681,8 +679,8 @@ static PyObject* py_search_chunk(PyObject* self, PyObject* args) {
                                   (int)d, (float*)(bp + p * b_bytes));
                     }
                     __atomic_store_n(packed + (g & 1), g + 1, __ATOMIC_RELEASE);
-                } else {
-                    wait_equal(packed + (g & 1), g + 1);
+                } else { /* the slot holds group g - 2 until then; group g + 2 needs this task done first */
+                    wait_at_least(packed + (g & 1), g + 1);
                 }
                 wait_at_least(done + i, g); /* the sub-chunk's rows have seen groups 0 .. g - 1 */
                 int64_t r0 = i * sub, nr = i == subs - 1 ? tail : sub;

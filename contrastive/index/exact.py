@@ -572,7 +572,7 @@ def _packed_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int]
     for q0 in range(0, nq, rows):
         m = min(rows, nq - q0)
         _fused.search_chunk(queries[q0].data_ptr(), m, d, database.data_ptr(), n, block_rows, width, k, cap,
-                            out_v[q0].data_ptr(), out_i[q0].data_ptr(), k, PACKED_GROUP, max(1, threads))  # sorted
+                            out_v[q0].data_ptr(), out_i[q0].data_ptr(), k, PACKED_GROUP, threads)  # sorted
 
 
 def _torch_topk(queries: Tensor, database: Tensor, k: int, chunk: int, qchunk: int, group_size: int,
