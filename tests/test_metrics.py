@@ -71,7 +71,7 @@ def test_gold_ranks_hand_case_and_ties() -> None:
 def test_gold_ranks_input_errors() -> None:
     with pytest.raises(ValueError, match=r"positive must have shape \(Q,\) = \(2,\)"):
         gold_ranks(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]))
-    with pytest.raises(ValueError, match=r"target ids must lie in \[0, 5\)"):
+    with pytest.raises(ValueError, match=r"positive must lie in \[0, 5\)"):
         gold_ranks(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="dup_group"):
         gold_ranks(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), dup_group=torch.zeros(4, dtype=torch.long))
