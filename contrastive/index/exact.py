@@ -88,11 +88,8 @@ from contrastive.index.base import (
     register_backend,
     write_sidecar,
 )
-
-try:  # the compiled filter (setup.py builds it; optional: without a C compiler the torch path is used)
-    from contrastive.index import _topk as _fused
-except ImportError:  # pragma: no cover - depends on the build
-    _fused = None
+from contrastive.index import _kernels
+from contrastive.index._kernels import fused_available, packed_available
 
 NEG_INF = float("-inf")
 _LEVEL2 = 8  # level-1 groups per level-2 group in the threshold filter
@@ -122,60 +119,6 @@ _MIN_WORKER_ROWS = 64  # fewer query rows per worker than this: use the inline s
 PACKED_MIN_QUERIES = 1024
 _MAX_FUSED_IDS = 2**32 - 2  # the fused path packs ids into 32 bits
 _THREADS_LOCK = threading.Lock()  # torch's thread count is process-wide: one worker-thread search at a time
-
-
-def fused_available() -> bool:
-    """Whether the compiled CPU top-k filter is built (``CONTRASTIVE_EXACT_TORCH=1`` disables it)."""
-    return _fused is not None and os.environ.get("CONTRASTIVE_EXACT_TORCH", "0") != "1"
-
-
-_BLAS_NAMES = (
-    ("cblas_sgemm_pack_get_size",),
-    ("cblas_sgemm_pack",),
-    ("cblas_sgemm_compute",),
-    ("MKL_Set_Num_Threads_Local", "mkl_set_num_threads_local", "MKL_SET_NUM_THREADS_LOCAL"),
-)
-_packed_state: dict[str, bool] = {}
-
-
-def mkl_packed_gemm() -> Optional[tuple[Any, list[Any]]]:
-    """The loaded ``libtorch_cpu`` (torch's x86 wheels link MKL statically and export it) as a ``ctypes.CDLL``
-    with MKL's ``cblas_sgemm_pack_get_size``, ``cblas_sgemm_pack``, ``cblas_sgemm_compute`` and
-    ``mkl_set_num_threads_local`` functions, in that order; None when absent."""
-    import ctypes
-    import glob
-
-    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
-    for path in sorted(glob.glob(os.path.join(libdir, "libtorch_cpu.*"))):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        found = [next((getattr(lib, name) for name in names if hasattr(lib, name)), None) for names in _BLAS_NAMES]
-        if all(fn is not None for fn in found):
-            return lib, found
-    return None
-
-
-def _find_packed_gemm() -> bool:
-    """Hand MKL's packed-GEMM function addresses to the C extension; False when absent."""
-    import ctypes
-
-    mkl = mkl_packed_gemm() if _fused is not None else None
-    if mkl is None:
-        return False
-    _fused.set_blas(*(ctypes.cast(fn, ctypes.c_void_p).value for fn in mkl[1]))
-    return True
-
-
-def packed_available() -> bool:
-    """Whether the fused path can use the packed-GEMM schedule (MKL found in torch;
-    ``CONTRASTIVE_EXACT_PACKED=0`` disables it)."""
-    if not fused_available() or os.environ.get("CONTRASTIVE_EXACT_PACKED", "1") == "0":
-        return False
-    if "ok" not in _packed_state:
-        _packed_state["ok"] = _find_packed_gemm()
-    return _packed_state["ok"]
 
 
 def _check_pair(queries: Tensor, database: Tensor) -> None:
@@ -459,7 +402,7 @@ def exact_topk(
     check_finite(database, "database vectors")
     fused_ok = fused_available() and queries.device.type == "cpu" and queries.dtype == torch.float32 and n <= _MAX_FUSED_IDS
     if backend == "fused" and not fused_ok:
-        why = ("the C extension contrastive.index._topk is not built (reinstall with a C compiler)" if not fused_available()
+        why = ("the C extension contrastive.index._kernels._topk is not built (reinstall with a C compiler)" if not fused_available()
                else "it needs float32 CPU tensors and fewer than 2^32 database rows")
         raise IndexInputError(f"backend='fused' is unavailable: {why}")
     with _Float32MatmulPrecision(precision):
@@ -490,7 +433,8 @@ def _fused_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int],
     single-threaded ``torch.mm`` per block into its own buffer, then filters it (the block is filtered by
     the core that computed it); otherwise one ``torch.mm`` on torch's threads per block, then the filter
     with its rows split over ``threads`` OpenMP threads."""
-    assert _fused is not None
+    fused = _kernels.topk
+    assert fused is not None
     nq, n = queries.shape[0], database.shape[0]
     out_v = torch.empty(nq, k, dtype=torch.float32)
     out_i = torch.empty(nq, k, dtype=torch.int64)
@@ -524,15 +468,15 @@ def _fused_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int],
                 return
             q = queries[q0 : q0 + rows]
             m = q.shape[0]
-            _fused.init(keys.data_ptr(), thr.data_ptr(), cnt.data_ptr(), m, k, cap)
+            fused.init(keys.data_ptr(), thr.data_ptr(), cnt.data_ptr(), m, k, cap)
             for c0 in range(0, n, width):
                 db = database[c0 : c0 + width]
                 w = db.shape[0]
                 block = buf[: m * w].view(m, w)
                 torch.mm(q, db.T, out=block)
-                _fused.update(block.data_ptr(), m, w, w, c0, keys.data_ptr(), thr.data_ptr(), cnt.data_ptr(), k, cap,
+                fused.update(block.data_ptr(), m, w, w, c0, keys.data_ptr(), thr.data_ptr(), cnt.data_ptr(), k, cap,
                               filter_threads)
-            _fused.finish(keys.data_ptr(), cnt.data_ptr(), m, k, cap, out_v[q0].data_ptr(), out_i[q0].data_ptr(), k,
+            fused.finish(keys.data_ptr(), cnt.data_ptr(), m, k, cap, out_v[q0].data_ptr(), out_i[q0].data_ptr(), k,
                           True)  # sorted (score desc, id asc)
 
     if workers <= 1:
@@ -564,14 +508,15 @@ def _packed_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int]
     """The packed schedule (see the module doc): query chunks one after another, each searched in one call of
     the C extension by ``threads`` OpenMP threads, which take its 256-row sub-chunks from a shared counter;
     results sorted into ``out_v`` / ``out_i``."""
-    assert _fused is not None
+    fused = _kernels.topk
+    assert fused is not None
     nq, d = queries.shape
     n = database.shape[0]
     rows = _packed_rows(nq, d, k, cap, qchunk)
     block_rows, width = min(PACKED_BLOCK[0], rows), min(chunk or PACKED_BLOCK[1], n)
     for q0 in range(0, nq, rows):
         m = min(rows, nq - q0)
-        _fused.search_chunk(queries[q0].data_ptr(), m, d, database.data_ptr(), n, block_rows, width, k, cap,
+        fused.search_chunk(queries[q0].data_ptr(), m, d, database.data_ptr(), n, block_rows, width, k, cap,
                             out_v[q0].data_ptr(), out_i[q0].data_ptr(), k, PACKED_GROUP, threads)  # sorted
 
 
