@@ -1,6 +1,6 @@
 """Where the packed exact search spends its time, as fractions of its own block matmuls (one worker).
 
-Builds an instrumented copy of ``contrastive/index/_topk.c`` (rdtsc counters around the packing, each
+Builds an instrumented copy of ``contrastive/index/_kernels/_topk.c`` (rdtsc counters around the packing, each
 block's ``cblas_sgemm_compute``, each block's filter, the merges and the sorted finish; needs ``gcc``)
 in a temporary directory, runs the packed schedule of :mod:`contrastive.index.exact` with it on one
 thread, and prints each part's cycles over the block matmuls' cycles (the filter's share spent on each
