@@ -66,30 +66,30 @@ def _libtorch_cpu() -> list[str]:
     return sorted(glob.glob(os.path.join(libdir, "libtorch_cpu.*")))
 
 
+def _blas_exports() -> list[tuple[ctypes.CDLL, list[Any]]]:
+    """Each loadable ``libtorch_cpu`` with its :data:`BLAS_NAMES` functions (None where not exported)."""
+    out = []
+    for path in _libtorch_cpu():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        out.append((lib, [next((getattr(lib, n) for n in names if hasattr(lib, n)), None) for names in BLAS_NAMES]))
+    return out
+
+
 def mkl_packed_gemm() -> Optional[tuple[ctypes.CDLL, list[Any]]]:
     """The loaded ``libtorch_cpu`` as a ``ctypes.CDLL`` and its MKL packed-GEMM functions in
     :data:`BLAS_NAMES` order; None when no ``libtorch_cpu`` exports all of them."""
-    for path in _libtorch_cpu():
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        found = [next((getattr(lib, name) for name in names if hasattr(lib, name)), None) for names in BLAS_NAMES]
-        if all(fn is not None for fn in found):
-            return lib, found
-    return None
+    return next(((lib, found) for lib, found in _blas_exports() if all(fn is not None for fn in found)), None)
 
 
-def _missing_blas() -> list[str]:
-    """BLAS_NAMES entries that no loadable ``libtorch_cpu`` exports (all of them when none loads)."""
-    missing = [names[0] for names in BLAS_NAMES]
-    for path in _libtorch_cpu():
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        missing = [names[0] for names in BLAS_NAMES if not any(hasattr(lib, name) for name in names)]
-    return missing
+def _missing_blas() -> str:
+    """What the lookup lacks, for the log line: the missing symbols, or that no libtorch_cpu loads."""
+    exports = _blas_exports()
+    if not exports:
+        return "no loadable libtorch_cpu"
+    return ", ".join(names[0] for names, fn in zip(BLAS_NAMES, exports[0][1]) if fn is None)
 
 
 def _find_packed_gemm() -> bool:
@@ -100,13 +100,13 @@ def _find_packed_gemm() -> bool:
     try:
         mkl = mkl_packed_gemm()
         if mkl is None:
-            log.warning("MKL packed GEMM not found in libtorch_cpu (missing: %s); exact search computes its score "
-                     "blocks with torch.mm", ", ".join(_missing_blas()) or "no libtorch_cpu")
+            log.warning("MKL packed GEMM not found in libtorch_cpu (missing: %s); exact search computes its "
+                        "score blocks with torch.mm", _missing_blas())
             return False
         topk.set_blas(*(ctypes.cast(fn, ctypes.c_void_p).value for fn in mkl[1]))
     except Exception as e:  # a foreign build of torch or of the extension: never fail the search over it
         log.warning("MKL packed GEMM unusable (%s: %s); exact search computes its score blocks with torch.mm",
-                 type(e).__name__, e)
+                    type(e).__name__, e)
         return False
     return True
 
