@@ -67,7 +67,9 @@ def test_exact_index_matches_full_topk(metric: str, chunk_size: int) -> None:
     assert len(index) == 1001
 
 
-BACKENDS = ["fused", "torch"]
+#: tests of the compiled kernel skip, with the reason, where it is not built (it is optional)
+needs_fused = pytest.mark.skipif(not fused_available(), reason="the optional compiled top-k kernel is not built")
+BACKENDS = [pytest.param("fused", marks=needs_fused), "torch"]
 
 
 def test_fused_extension_is_built() -> None:
@@ -96,7 +98,7 @@ def test_c_compiler_detection(monkeypatch: pytest.MonkeyPatch) -> None:
     assert c_compiler() is None
 
 
-@pytest.mark.skipif(not fused_available(), reason="needs the compiled top-k kernel")
+@needs_fused
 def test_missing_mkl_symbol_falls_back_to_torch_mm(monkeypatch: pytest.MonkeyPatch,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     """A torch whose libtorch_cpu lacks one of MKL's packed-GEMM symbols: the lookup logs one line and
@@ -122,7 +124,7 @@ def test_missing_mkl_symbol_falls_back_to_torch_mm(monkeypatch: pytest.MonkeyPat
     torch.testing.assert_close(vals, ref_v, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not fused_available(), reason="needs the compiled top-k kernel")
+@needs_fused
 def test_unloadable_libtorch_cpu_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """No loadable libtorch_cpu at all (ctypes cannot open it): the same one-line fallback."""
     import ctypes
@@ -172,6 +174,7 @@ def test_exact_ties_lower_id_first(chunk_size: int, backend: str) -> None:
         (200, 3000, 1, 1, 7),  # one-column blocks
     ],
 )
+@needs_fused
 def test_fused_topk_matches_stable_sort(nq: int, n: int, k: int, chunk: int, qchunk: int, threads: int) -> None:
     """The compiled filter (one thread; worker threads that own query chunks; buffered merges) against
     the full stable sort, values and ids bit for bit, with many exact ties (duplicated database rows)."""
@@ -205,6 +208,7 @@ def test_packed_rows_bounded_by_memory_and_balanced() -> None:
     assert exact._packed_rows(10_000, 256, 100, 100, qchunk=1000) == 1000
 
 
+@needs_fused
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_fused_isa_paths_match_stable_sort(isa: str) -> None:
     """Each instruction-set version of the scan and select (chosen by CONTRASTIVE_TOPK_ISA at import) gives the
@@ -238,7 +242,8 @@ def test_fused_isa_paths_match_stable_sort(isa: str) -> None:
 
 def test_exact_topk_backend_errors() -> None:
     q, x = torch.randn(4, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
-    with pytest.raises(IndexInputError, match="backend='fused' is unavailable.*float32"):
+    why = "float32" if fused_available() else "not built"
+    with pytest.raises(IndexInputError, match=f"backend='fused' is unavailable.*{why}"):
         exact_topk(q, x, 3, backend="fused")
     v, i = exact_topk(q, x, 3)  # auto: float64 goes to the torch path
     assert torch.equal(i, reference_topk(q, x, 3)[1])
