@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import importlib
 import logging
 import os
 import shlex
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 topk: Optional[ModuleType]
 try:
-    from contrastive.index._kernels import _topk as topk
+    topk = importlib.import_module(f"{__name__}._topk")
 except ImportError as e:  # not built: no C compiler at install time, or an install without build_ext
     topk = None
     IMPORT_ERROR: Optional[str] = str(e)
