@@ -388,6 +388,8 @@ def exact_topk(
     check_k(k, n, allow_fewer=False)
     if backend not in BACKENDS:
         raise IndexInputError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if threads is not None:  # checked on every path, so bad input fails whether or not the kernel is built
+        _check_chunk(threads, "threads")
     check_finite(queries, "queries")
     check_finite(database, "database vectors")
     fused_ok = fused_available() and queries.device.type == "cpu" and queries.dtype == torch.float32 and n <= _MAX_FUSED_IDS
