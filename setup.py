@@ -1,9 +1,9 @@
 """Only the compiled part lives here; all metadata is in setup.cfg.
 
-``contrastive.index._topk`` is the fused threshold top-k filter of the exact index (see
-``contrastive/index/_topk.c`` for why it is C). It is optional: without a C compiler the install still
-succeeds and :func:`contrastive.index.exact_topk` uses its pure-torch path (same results, about half
-the speed); without OpenMP it is built single-threaded.
+``contrastive.index._kernels._topk`` is the fused threshold top-k filter of the exact index
+(``contrastive/index/_kernels/_topk.c``). It is optional: without a C compiler the install still
+succeeds and :func:`contrastive.index.exact_topk` uses its torch-op path (same results, slower; see
+benchmarks/RESULTS.md); without OpenMP it is built single-threaded.
 """
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -29,8 +29,8 @@ class BuildExt(build_ext):
 setup(
     ext_modules=[
         Extension(
-            "contrastive.index._topk",
-            sources=["contrastive/index/_topk.c"],
+            "contrastive.index._kernels._topk",
+            sources=["contrastive/index/_kernels/_topk.c"],
             extra_compile_args=["-O3", "-std=c11", OPENMP],
             extra_link_args=[OPENMP],
             optional=True,

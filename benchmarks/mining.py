@@ -72,9 +72,8 @@ from contrastive.index.exact import (  # noqa: E402
     PACKED_BLOCK,
     PACKED_CHUNK,
     TORCH_BLOCK,
-    fused_available,
-    packed_available,
 )
+from contrastive.index._kernels import fused_available, packed_available  # noqa: E402
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -425,9 +424,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def _topk_isa() -> str:
-    from contrastive.index import _topk
+    from contrastive.index._kernels import topk
 
-    return _topk.isa()
+    return topk.isa() if topk is not None else "none"
 
 
 if __name__ == "__main__":

@@ -33,12 +33,12 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from contrastive.index import exact as exact_mod  # noqa: E402
+from contrastive.index import _kernels  # noqa: E402
 
 
 def run(x: torch.Tensor, nq: int, rows: int, width: int, k: int, mode: str, workers: int) -> tuple[float, float, float]:
     """``(wall s, thread-summed mm s, thread-summed filter s)`` of one search."""
-    fused = exact_mod._fused
+    fused = _kernels.topk
     n = x.shape[0]
     cap = max(k, 64)
     mm_t, filt_t = [0.0] * workers, [0.0] * workers
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
-    if exact_mod._fused is None:
-        print("mining_split.py: the C extension contrastive.index._topk is not built")
+    if _kernels.topk is None:
+        print("mining_split.py: the C extension contrastive.index._kernels._topk is not built")
         return 2
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(args.n, args.dim, generator=g), dim=1)

@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from contrastive.index.exact import PACKED_BLOCK, mkl_packed_gemm  # noqa: E402
+from contrastive.index._kernels import mkl_packed_gemm  # noqa: E402
+from contrastive.index.exact import PACKED_BLOCK  # noqa: E402
 
 ROW_MAJOR, PACK_A, PACK_B, NO_TRANS, TRANS, PACKED = 101, 161, 162, 111, 112, 151
 

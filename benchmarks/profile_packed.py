@@ -1,6 +1,6 @@
 """Where the packed exact search spends its time, as fractions of its own block matmuls (one worker).
 
-Builds an instrumented copy of ``contrastive/index/_topk.c`` (rdtsc counters around the packing, each
+Builds an instrumented copy of ``contrastive/index/_kernels/_topk.c`` (rdtsc counters around the packing, each
 block's ``cblas_sgemm_compute``, each block's filter, the merges and the sorted finish; needs ``gcc``)
 in a temporary directory, runs the packed schedule of :mod:`contrastive.index.exact` with it on one
 thread, and prints each part's cycles over the block matmuls' cycles (the filter's share spent on each
@@ -32,7 +32,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from contrastive.index import exact  # noqa: E402
+from contrastive.index import _kernels, exact  # noqa: E402
 
 COUNTERS = "static unsigned long long cy_pack_a, cy_pack_b, cy_mm, cy_filter, cy_first, cy_finish, cy_merge, n_merge;"
 
@@ -117,18 +117,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--source", default=os.path.join(ROOT, "contrastive", "index", "_topk.c"),
+    p.add_argument("--source", default=os.path.join(ROOT, "contrastive", "index", "_kernels", "_topk.c"),
                    help="C source to instrument (another version of _topk.c, for A/B runs)")
     args = p.parse_args(argv)
-    if not exact.packed_available():
+    if not _kernels.packed_available():
         raise SystemExit("the packed schedule is not available here (no MKL packed GEMM in torch, or no C extension)")
     with tempfile.TemporaryDirectory() as tmp:
         prof = build(tmp, args.source)
-        original = exact._fused
-        exact._fused = prof
-        exact._packed_state.clear()
+        original = _kernels.topk
+        _kernels.topk = prof
+        _kernels.packed_state.clear()
         try:
-            if not exact.packed_available():
+            if not _kernels.packed_available():
                 raise SystemExit("the instrumented build could not find MKL's packed GEMM")
             g = torch.Generator().manual_seed(0)
             x = torch.nn.functional.normalize(torch.randn(args.n, args.dim, generator=g), dim=1)
@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> None:
             ref_v, ref_i = exact.exact_topk(q[:64], x, k)
             assert torch.equal(out_i[:64], ref_i), "instrumented search differs from the library's"
         finally:
-            exact._fused = original
-            exact._packed_state.clear()
+            _kernels.topk = original
+            _kernels.packed_state.clear()
 
 
 if __name__ == "__main__":

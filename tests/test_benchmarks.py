@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from contrastive.index.exact import fused_available, packed_available
+from contrastive.index._kernels import fused_available, packed_available
 
 ROOT = Path(__file__).resolve().parents[1]
 

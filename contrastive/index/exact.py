@@ -2,47 +2,37 @@
 
 The score matrix ``queries @ database.T`` ``(Q, N)`` is never materialised: it is produced block by
 block, ``(query_chunk, chunk)`` at a time, into one reused buffer, so peak memory is
-``O(query_chunk * chunk)`` whatever ``Q`` and ``N`` are (100k x 100k fp32 scores would be 40 GB;
+``O(query_chunk * chunk)`` whatever ``Q`` and ``N`` are (100k x 100k float32 scores would be 40 GB;
 sentence-transformers #3164 / PR #3816 hit exactly this when mining without FAISS).
 
-Top-k selection without a ``torch.topk`` per block
---------------------------------------------------
-``torch.topk(k=100)`` over a ``4096 x 4096`` block costs 2-3x the matrix multiply that produced it on a
-CPU, so "topk per block, then merge" runs at about a third of the matmul rate. Both paths below use a
-threshold filter instead (the k-selection idea of Johnson, Douze & Jégou 2017, "Billion-scale
-similarity search with GPUs", arXiv:1702.08734): each query row keeps a running top-k whose k-th score
-``t`` a new score must beat; block ``j`` has only about ``k * chunk / seen`` survivors per query,
+Top-k selection by threshold
+----------------------------
+A ``torch.topk`` per block costs more than the matmul that produced the block on a CPU. Both paths below
+use the threshold selection of Johnson, Douze & Jégou 2017 ("Billion-scale similarity search with
+GPUs", arXiv:1702.08734) instead: each query row keeps a running top-k whose k-th score ``t`` a new
+score must beat; block ``j`` has only about ``k * chunk / seen`` survivors per query,
 ``k (1 + ln(N / chunk))`` in all, which are buffered and merged in batches.
 
-**Fused CPU path** (float32 on CPU, the default there): ``contrastive/index/_topk.c`` does the filter
-and merge in one SIMD pass (AVX-512 or AVX2) over each score block right after the matmul wrote it. Three
-schedules, picked by :func:`exact_topk`:
+**Fused CPU path** (float32 on CPU, the default there): the C extension in
+:mod:`contrastive.index._kernels` (``_topk.c``) does the filter and merge in one SIMD pass (AVX-512,
+AVX2 or scalar) over each score block right after the matmul wrote it. Three schedules, picked by
+:func:`exact_topk`:
 
 - **Packed** (many queries, torch built with MKL, as its x86 wheels are): MKL's packed GEMM
   (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``, found in the loaded ``libtorch_cpu``) packs the
-  database pieces and query sub-chunks once per call, after which small blocks (``256 x 512`` scores,
-  512 KB) run at the full matmul rate, and the filter reads each block right after it is written. All
-  worker threads share each call (OpenMP inside the C extension): they take tasks (256-query sub-chunk x
-  group of 8 database pieces) from one ticket counter, with no barrier between groups, so a faster core
-  takes more of them; MKL runs single-threaded inside each (``mkl_set_num_threads_local``, nothing
-  process-wide changes). Database pieces are packed per call (two groups at a time, shared by all of
-  the call's queries), so no copy of the database is kept. Measured on the shared 2-core machine at
-  ``N = 100k``, ``d = 256``, ``k = 100`` (``benchmarks/profile_packed.py``, one worker, 8192 queries):
-  the filter costs ~0.08 of the block matmuls (merges ~0.013, the rows' first blocks ~0.005), packing
-  ~0.01, the sorted finish ~0.006, so the search runs at ~0.91 of its own matmuls' rate; the block GEMM
-  itself ran at a median 0.95-0.99 of a large ``torch.mm`` (``benchmarks/packed_gemm.py``), and against
-  a large ``torch.mm`` timed around it (``benchmarks/mining.py``) the search reached 0.90-1.02 over all
-  100k queries in nine runs (0.94 on average), on a machine whose matmul speed swung by up to 1.5x
-  between adjacent seconds. With one call per worker thread instead, the faster of two cores that ran
-  ~10% apart idled at the end of each call (94% busy at 24,576 queries), and three alternating runs gave
-  0.90 / 0.88 / 0.94 against 0.95 / 0.90 / 0.96.
+  database pieces and query sub-chunks once per call, after which small blocks (:data:`PACKED_BLOCK`)
+  run at the full matmul rate, and the filter reads each block right after it is written. All worker
+  threads share each call (OpenMP inside the C extension): they take tasks (query sub-chunk x group of
+  :data:`PACKED_GROUP` database pieces) from one ticket counter, with no barrier between groups, so a
+  faster core takes more of them; MKL runs single-threaded inside each (``mkl_set_num_threads_local``,
+  nothing process-wide changes). Database pieces are packed per call (two groups at a time, shared by
+  all of the call's queries), so no copy of the database is kept.
 - **Worker threads** (many queries, no packed GEMM): each worker runs a single-threaded ``torch.mm``
-  per ``1024 x 2048`` block (8 MB) into its own buffer, then filters it. A block that size must come
-  back from L3 or memory, so the filter costs about a tenth of the matmul (0.85-0.88 of the rate).
-  While it runs, ``torch.set_num_threads(1)`` is in effect process-wide (restored after; such searches
-  are serialised).
-- **Inline** (few queries): one ``torch.mm`` on torch's threads per ``512 x 2048`` block, then the
-  filter with its rows split over OpenMP threads.
+  per :data:`FUSED_BLOCK` block into its own buffer, then filters it. While it runs,
+  ``torch.set_num_threads(1)`` is in effect process-wide (restored after; such searches are
+  serialised).
+- **Inline** (few queries): one ``torch.mm`` on torch's threads per :data:`FUSED_INLINE_BLOCK` block,
+  then the filter with its rows split over OpenMP threads.
 
 **Torch path** (CUDA tensors, float64, or when the C extension is not built): the same filter written
 with torch ops:
@@ -51,18 +41,20 @@ with torch ops:
    maxima of level-2 groups (8 level-1 groups); only level-2 groups whose maximum beats ``t`` are
    opened, then only their level-1 groups that do, so a survivor costs ~16 looked-at values.
 2. Survivors are buffered and, every ``merge_every`` survivors per query, merged into the running list
-   by binary search (``torch.searchsorted``) and two scatters; a row-wise sort of ``(Q, k + m)`` scores
-   would itself cost a third of the matmul.
+   by binary search (``torch.searchsorted``) and two scatters, with no row-wise sort of ``(Q, k + m)``
+   scores.
 
 In both, the first block has no threshold yet and uses a lower bound instead: the k-th largest group
-maximum (at least ``k`` distinct scores reach it). The torch path reaches about 0.5 of the matmul rate
-on CPU (the per-survivor torch-op work dominates); on a shared or oversubscribed CPU run with
-``OMP_WAIT_POLICY=PASSIVE`` (spinning OpenMP threads made it 5x slower).
+maximum (at least ``k`` distinct scores reach it). On a shared or oversubscribed CPU, run the torch path
+with ``OMP_WAIT_POLICY=PASSIVE`` (spinning OpenMP threads slow its many short ops).
 
 Tie-breaking is deterministic: among equal scores the lower id comes first (a new score must be
 *strictly* above ``t`` to displace the running k-th entry, whose id is lower; buffered survivors are
 ordered by (score desc, id asc) and go after running entries with an equal score). Results are thus
 identical to a stable descending sort of each full score row, which is what the tests compare against.
+
+Measured rates of each path and schedule, and the measurements behind the block shapes below:
+``benchmarks/RESULTS.md``.
 """
 from __future__ import annotations
 
@@ -88,23 +80,19 @@ from contrastive.index.base import (
     register_backend,
     write_sidecar,
 )
-
-try:  # the compiled filter (setup.py builds it; optional: without a C compiler the torch path is used)
-    from contrastive.index import _topk as _fused
-except ImportError:  # pragma: no cover - depends on the build
-    _fused = None
+from contrastive.index import _kernels
+from contrastive.index._kernels import fused_available, packed_available
 
 NEG_INF = float("-inf")
 _LEVEL2 = 8  # level-1 groups per level-2 group in the threshold filter
 #: default block shapes: (query rows, database rows) per block for the fused CPU path and the torch path.
-#: PACKED_BLOCK: per worker thread, packed GEMM (512 KB of scores each). Against 128 x 512 blocks, measured on one
-#: thread (benchmarks/packed_gemm.py, 24 rounds): the GEMM ran at a median 0.954 vs 0.921 of a large torch.mm,
-#: while the filter cost ~0.005 more of the matmul (benchmarks/profile_packed.py): ~2.5% faster net
+#: PACKED_BLOCK: per worker thread, packed GEMM (512 KB of scores each); chosen with benchmarks/packed_gemm.py and
+#: benchmarks/profile_packed.py (benchmarks/RESULTS.md)
 PACKED_BLOCK = (256, 512)
 PACKED_GROUP = 8  # database pieces packed together; each query sub-chunk meets all of them in a row
 #: query rows per call of the packed schedule (all worker threads share a call): each database piece is packed
-#: once per call and serves all of them (packing cost ~0.013 of the matmul at 4096 rows, ~0.003 at 16384);
-#: capped so that the call's per-row state (top-k keys and packed queries) stays within PACKED_MEMORY bytes
+#: once per call and serves all of them, so more rows make packing cheaper per query; capped so that the call's
+#: per-row state (top-k keys and packed queries) stays within PACKED_MEMORY bytes
 PACKED_CHUNK = 16384
 PACKED_MEMORY = 256 << 20
 FUSED_BLOCK = (1024, 2048)  # per worker thread (8 MB of scores each)
@@ -112,9 +100,8 @@ FUSED_INLINE_BLOCK = (512, 2048)  # one thread of work at a time: torch.mm on al
 TORCH_BLOCK = (4096, 4096)
 #: torch path on CUDA, largest first: big blocks, so that the filter's per-block kernel launches and host
 #: syncs (survivor counts) are small next to the block's matmul. The first whose score buffer (with the
-#: filter's temporaries, ~1.5x) fits in an eighth of the free GPU memory is used. Measured on an H200
-#: (benchmarks/mining_cuda.py, N = 1M, d = 256, k = 100): 0.79 / 0.73 / 0.55-0.59 / 0.21 of the float32
-#: matmul rate, with 5.6 / 2.9 / 1.1 / 0.4 GB of peak extra GPU memory.
+#: filter's temporaries, ~1.5x) fits in an eighth of the free GPU memory is used (rates and memory per
+#: shape, from benchmarks/mining_cuda.py: benchmarks/RESULTS.md).
 CUDA_BLOCKS = ((16384, 65536), (8192, 65536), (8192, 16384), (4096, 4096))
 PRECISIONS = ("highest", "high", "medium")
 _MIN_WORKER_ROWS = 64  # fewer query rows per worker than this: use the inline schedule
@@ -122,60 +109,6 @@ _MIN_WORKER_ROWS = 64  # fewer query rows per worker than this: use the inline s
 PACKED_MIN_QUERIES = 1024
 _MAX_FUSED_IDS = 2**32 - 2  # the fused path packs ids into 32 bits
 _THREADS_LOCK = threading.Lock()  # torch's thread count is process-wide: one worker-thread search at a time
-
-
-def fused_available() -> bool:
-    """Whether the compiled CPU top-k filter is built (``CONTRASTIVE_EXACT_TORCH=1`` disables it)."""
-    return _fused is not None and os.environ.get("CONTRASTIVE_EXACT_TORCH", "0") != "1"
-
-
-_BLAS_NAMES = (
-    ("cblas_sgemm_pack_get_size",),
-    ("cblas_sgemm_pack",),
-    ("cblas_sgemm_compute",),
-    ("MKL_Set_Num_Threads_Local", "mkl_set_num_threads_local", "MKL_SET_NUM_THREADS_LOCAL"),
-)
-_packed_state: dict[str, bool] = {}
-
-
-def mkl_packed_gemm() -> Optional[tuple[Any, list[Any]]]:
-    """The loaded ``libtorch_cpu`` (torch's x86 wheels link MKL statically and export it) as a ``ctypes.CDLL``
-    with MKL's ``cblas_sgemm_pack_get_size``, ``cblas_sgemm_pack``, ``cblas_sgemm_compute`` and
-    ``mkl_set_num_threads_local`` functions, in that order; None when absent."""
-    import ctypes
-    import glob
-
-    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
-    for path in sorted(glob.glob(os.path.join(libdir, "libtorch_cpu.*"))):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        found = [next((getattr(lib, name) for name in names if hasattr(lib, name)), None) for names in _BLAS_NAMES]
-        if all(fn is not None for fn in found):
-            return lib, found
-    return None
-
-
-def _find_packed_gemm() -> bool:
-    """Hand MKL's packed-GEMM function addresses to the C extension; False when absent."""
-    import ctypes
-
-    mkl = mkl_packed_gemm() if _fused is not None else None
-    if mkl is None:
-        return False
-    _fused.set_blas(*(ctypes.cast(fn, ctypes.c_void_p).value for fn in mkl[1]))
-    return True
-
-
-def packed_available() -> bool:
-    """Whether the fused path can use the packed-GEMM schedule (MKL found in torch;
-    ``CONTRASTIVE_EXACT_PACKED=0`` disables it)."""
-    if not fused_available() or os.environ.get("CONTRASTIVE_EXACT_PACKED", "1") == "0":
-        return False
-    if "ok" not in _packed_state:
-        _packed_state["ok"] = _find_packed_gemm()
-    return _packed_state["ok"]
 
 
 def _check_pair(queries: Tensor, database: Tensor) -> None:
@@ -455,11 +388,13 @@ def exact_topk(
     check_k(k, n, allow_fewer=False)
     if backend not in BACKENDS:
         raise IndexInputError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if threads is not None:  # checked on every path, so bad input fails whether or not the kernel is built
+        _check_chunk(threads, "threads")
     check_finite(queries, "queries")
     check_finite(database, "database vectors")
     fused_ok = fused_available() and queries.device.type == "cpu" and queries.dtype == torch.float32 and n <= _MAX_FUSED_IDS
     if backend == "fused" and not fused_ok:
-        why = ("the C extension contrastive.index._topk is not built (reinstall with a C compiler)" if not fused_available()
+        why = ("the C extension contrastive.index._kernels._topk is not built (reinstall with a C compiler)" if not fused_available()
                else "it needs float32 CPU tensors and fewer than 2^32 database rows")
         raise IndexInputError(f"backend='fused' is unavailable: {why}")
     with _Float32MatmulPrecision(precision):
@@ -490,7 +425,8 @@ def _fused_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int],
     single-threaded ``torch.mm`` per block into its own buffer, then filters it (the block is filtered by
     the core that computed it); otherwise one ``torch.mm`` on torch's threads per block, then the filter
     with its rows split over ``threads`` OpenMP threads."""
-    assert _fused is not None
+    fused = _kernels.topk
+    assert fused is not None
     nq, n = queries.shape[0], database.shape[0]
     out_v = torch.empty(nq, k, dtype=torch.float32)
     out_i = torch.empty(nq, k, dtype=torch.int64)
@@ -524,15 +460,15 @@ def _fused_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int],
                 return
             q = queries[q0 : q0 + rows]
             m = q.shape[0]
-            _fused.init(keys.data_ptr(), thr.data_ptr(), cnt.data_ptr(), m, k, cap)
+            fused.init(keys.data_ptr(), thr.data_ptr(), cnt.data_ptr(), m, k, cap)
             for c0 in range(0, n, width):
                 db = database[c0 : c0 + width]
                 w = db.shape[0]
                 block = buf[: m * w].view(m, w)
                 torch.mm(q, db.T, out=block)
-                _fused.update(block.data_ptr(), m, w, w, c0, keys.data_ptr(), thr.data_ptr(), cnt.data_ptr(), k, cap,
+                fused.update(block.data_ptr(), m, w, w, c0, keys.data_ptr(), thr.data_ptr(), cnt.data_ptr(), k, cap,
                               filter_threads)
-            _fused.finish(keys.data_ptr(), cnt.data_ptr(), m, k, cap, out_v[q0].data_ptr(), out_i[q0].data_ptr(), k,
+            fused.finish(keys.data_ptr(), cnt.data_ptr(), m, k, cap, out_v[q0].data_ptr(), out_i[q0].data_ptr(), k,
                           True)  # sorted (score desc, id asc)
 
     if workers <= 1:
@@ -564,14 +500,15 @@ def _packed_topk(queries: Tensor, database: Tensor, k: int, chunk: Optional[int]
     """The packed schedule (see the module doc): query chunks one after another, each searched in one call of
     the C extension by ``threads`` OpenMP threads, which take its 256-row sub-chunks from a shared counter;
     results sorted into ``out_v`` / ``out_i``."""
-    assert _fused is not None
+    fused = _kernels.topk
+    assert fused is not None
     nq, d = queries.shape
     n = database.shape[0]
     rows = _packed_rows(nq, d, k, cap, qchunk)
     block_rows, width = min(PACKED_BLOCK[0], rows), min(chunk or PACKED_BLOCK[1], n)
     for q0 in range(0, nq, rows):
         m = min(rows, nq - q0)
-        _fused.search_chunk(queries[q0].data_ptr(), m, d, database.data_ptr(), n, block_rows, width, k, cap,
+        fused.search_chunk(queries[q0].data_ptr(), m, d, database.data_ptr(), n, block_rows, width, k, cap,
                             out_v[q0].data_ptr(), out_i[q0].data_ptr(), k, PACKED_GROUP, threads)  # sorted
 
 

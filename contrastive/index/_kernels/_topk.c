@@ -1,18 +1,13 @@
 /*
  * Fused threshold filter + top-k merge for exact blocked kNN on CPU (see contrastive/index/exact.py).
  *
- * Why C: the selection must cost well under a tenth of the matrix multiply that produces the scores
- * (benchmarks/mining.py, acceptance of issue 4). With torch ops the filter and merge of survivors cost
- * ~0.6x the matmul; with numba the group-max pass alone cost ~0.1x (not vectorised); FAISS's
- * HeapArray::addn is scalar and costs ~0.3x. Here one AVX2 pass compares 32 scores per step against
- * the row's running k-th best score, and only the rare survivors are touched again; a block's rows are
- * split over OpenMP threads (the caller passes torch's thread count).
- *
- * Tried and dropped: (1) one single-threaded torch.mm + filter per worker thread, so each core filters
- * what it computed: two concurrent single-thread matmuls ran ~20% slower than torch's own two-thread
- * matmul of the same blocks. (2) A register-tiled AVX-512 matmul (12 x 32 tiles) filtering each tile
- * while it is in L1, so no score block is written at all: bit-identical to torch.mm, but 5-10% slower
- * than MKL on two threads, which ate the saving.
+ * The threshold selection of Johnson, Douze & Jegou 2017 ("Billion-scale similarity search with GPUs",
+ * arXiv:1702.08734) on a CPU: each query row keeps a running top-k, and one SIMD pass (AVX-512, AVX2 or
+ * scalar, picked at import) compares a score block's row against the row's k-th best score; only the rare
+ * survivors are touched again, buffered and merged by quickselect. A block's rows are split over OpenMP
+ * threads (the caller passes the thread count). search_chunk() runs the whole search of a query chunk
+ * with MKL's packed GEMM (see the packed-GEMM section). Why this is C, the alternatives measured against
+ * it and the costs behind the choices below: benchmarks/RESULTS.md.
  *
  * State per query row r (all row-major, owned by the caller):
  *   keys[r, 0:k+cap] uint64: (score, id) pairs packed as sortable keys (see make_key); slots 0..k-1 hold
@@ -89,8 +84,8 @@ static int64_t partition_u64(uint64_t* a, int64_t lo, int64_t hi) {
 }
 
 /* Reorder a[0:n] (distinct keys) so that its k largest come first; returns the k-th largest.
- * Quickselect with a branchless Lomuto partition: a branchy one mispredicts on every other element
- * (random scores), which made merges ~5x slower. */
+ * Quickselect with a branchless Lomuto partition (a branchy one mispredicts on every other element of
+ * random scores). */
 static uint64_t select_top_u64(uint64_t* a, int64_t n, int64_t k) {
     int64_t lo = 0, hi = n, want = k - 1;
     while (hi - lo > 1) {
@@ -110,10 +105,7 @@ static int isa = ISA_SCALAR;
  * 8 keys at a time, into a "greater than the pivot" and a "not greater" buffer (thread-local, three in
  * rotation) and goes on with the side that holds the k-th largest; at 16 candidates or fewer the k-th is
  * found by counting, and one last pass compacts the k keys >= it to the front of a[] in place. Keys are
- * distinct, so a median-of-three pivot is never the maximum and every pass shrinks the candidates.
- * Merges were a quarter of the filter's time at N = 100k, k = 100. For 200 random keys (k = 100, in L1) the
- * previous AVX-512 version (partition, then copy both sides back) took ~2.2k TSC cycles and this one ~1.55k;
- * inside the search (benchmarks/profile_packed.py) merges went from ~0.026 to ~0.015 of the matmul time. */
+ * distinct, so a median-of-three pivot is never the maximum and every pass shrinks the candidates. */
 #define VSEL_MAX 4096
 static __thread uint64_t vsel_tmp[3][VSEL_MAX + 8];
 
@@ -196,9 +188,7 @@ static uint64_t select_top(uint64_t* a, int64_t n, int64_t k) {
 
 /* Merge cnt buffered keys into the running top-k; returns the new k-th best score. A row's keys are usually
  * out of cache by its next merge (the blocks in between stream MKL's packed operands through L2), so all
- * their lines are asked for at once: merges took 0.015-0.017 of the matmul with this, 0.018-0.019 without
- * (benchmarks/profile_packed.py, 256 x 512 blocks, 4 runs each). Prefetching the next row's push slot 1-8
- * rows ahead in the scan made no measurable difference and is not done. */
+ * their cache lines are prefetched at once first. */
 static float merge(uint64_t* rk, int64_t k, int64_t cnt) {
     for (int64_t j = 0; j < k + cnt; j += 8) __builtin_prefetch(rk + j, 1, 3);
     uint64_t kth = select_top(rk, k + cnt, k);
@@ -207,8 +197,7 @@ static float merge(uint64_t* rk, int64_t k, int64_t cnt) {
 
 /* A row's first block (thr == -inf): the top-k of the keys it holds (rk[0:k + c]) and the block's scores, by one
  * select over all of them into tmp (k + c + width slots), written to rk[0:k]; returns the new k-th best score
- * (-inf while fewer than k). Scanning this block against a floor from group maxima instead pushed ~130 survivors
- * and merged twice: ~8k TSC cycles per row at 512 columns, k = 100, against ~3k for this. */
+ * (-inf while fewer than k). With no threshold yet, a filter would let much of the block through. */
 static float first_block(const float* row, int64_t width, int64_t offset, uint64_t* rk, int64_t k, int64_t c,
                          uint64_t* tmp) {
     memcpy(tmp, rk, (size_t)(k + c) * sizeof(uint64_t));
@@ -238,8 +227,7 @@ static void scan_scalar(const float* row, int64_t from, int64_t width, int64_t o
 #ifdef TOPK_X86
 /* Append the columns base + (set bits of mask) to pos[np...]: two unconditionally (tzcnt of an empty mask is 64,
  * written past the count and overwritten later), the rest in a loop that is rarely entered. tzcnt (BMI1, which
- * every AVX2 CPU has) rather than a test for zero: gcc turns "m ? ctz(m) : 64" into a branch, which
- * mispredicted at every group with one survivor against two. */
+ * every AVX2 CPU has) rather than a test for zero, which gcc turns into a branch. */
 #define POS_TWO(base, mask)                                                         \
     do {                                                                            \
         uint64_t m_ = (mask);                                                       \
@@ -255,9 +243,8 @@ static void scan_scalar(const float* row, int64_t from, int64_t width, int64_t o
         if (v > t) PUSH(v, offset + pos[i]);                        \
     }
 /* The scans below defer survivors: the pass over the row only records (branch-free) which groups of
- * columns hold a score above the threshold, and a second loop over those few groups pushes them. A
- * branch per group mispredicts at every survivor (~600 per row at N = 100k, k = 100), which made the
- * survivors cost as much as the scan itself. */
+ * columns hold a score above the threshold, and a second loop over those few groups pushes them, so the
+ * scan has no branch that mispredicts at every survivor. */
 __attribute__((target("avx2,bmi"), always_inline))
 static inline void scan_avx2(const float* row, int64_t width, int64_t offset, uint64_t* rk, int64_t k, int64_t cap,
                       float* tp, int64_t* cp, int32_t* hits) {
@@ -298,9 +285,7 @@ static inline void scan_avx512(const float* row, int64_t width, int64_t offset, 
         h += _mm512_cmp_ps_mask(m, tv, _CMP_GT_OQ) != 0;
     }
     /* Survivor columns, compacted branch-free: two per group unconditionally, a loop only for the rare group
-     * with more; then one flat loop pushes them. A loop over each group's mask bits mispredicted at its exit
-     * whenever the count differed from the last group's. (Building the keys 8 lanes at a time and appending
-     * them with compress + masked store, no branch at all, measured slower: ~1.1x the filter's time.) */
+     * with more; then one flat loop pushes them. */
     int32_t* pos = hits + h;
     int64_t np = 0;
     for (int64_t i = 0; i < h; i++) {
@@ -318,8 +303,8 @@ static inline void scan_avx512(const float* row, int64_t width, int64_t offset, 
 #endif
 
 /* Filter rows [0, rows) of a block (row stride ld) whose column j is database id offset + j into the per-row
- * state. One copy per instruction set, each with its scan inlined: a call per row (and the stack realignment
- * of an AVX-512 function) cost ~0.1 cycle per score at 1024-column blocks. */
+ * state. One copy per instruction set, each with its scan inlined (no call, nor an AVX-512 function's stack
+ * realignment, per row). */
 #define UPDATE_ROWS_BODY(SCAN_CALL)                                                                             \
     int32_t* hits = (int32_t*)scratch_keys; /* group starts (<= width / 32), then survivor columns (<= width + 1): fits in width + 8 keys */ \
     (void)hits;                                                                                                 \
@@ -377,8 +362,7 @@ static void init_rows(uint64_t* keys, float* thr, int64_t* cnt, int64_t rows, in
 }
 
 /* Sort a[0:n] (distinct keys) in decreasing order: quicksort with the branchless partition of
- * select_top_u64, insertion sort below 16 keys. A row's top-k sorted here costs ~1 us; the same sort in
- * torch (by id, then stable by score) cost 17 us per row of k = 100, 2.7% of the row's matmul at N = 100k. */
+ * select_top_u64, insertion sort below 16 keys. */
 static void sort_desc_u64(uint64_t* a, int64_t n) {
     while (n > 16) {
         int64_t store = partition_u64(a, 0, n); /* a[0:store] > a[store] > a[store + 1:n] */
@@ -402,9 +386,7 @@ static void sort_desc_u64(uint64_t* a, int64_t n) {
 #ifdef TOPK_X86
 /* sort_desc_u64 for n <= RANK_SORT_MAX keys, by rank: each key's rank is the number of keys above it, counted
  * for 8 keys at a time against every key broadcast (n * n / 8 compares, no branch), then each key is written
- * at its rank. For k = 100 random keys it took half the quicksort's time (4.5k against 8.7k TSC cycles, same
- * run), whose partition-side and insertion-sort branches mispredict on random keys (finishing was ~1% of
- * the matmul at N = 100k). */
+ * at its rank (the quicksort's branches mispredict on random keys). */
 #define RANK_SORT_MAX 256
 __attribute__((target("avx512f")))
 static void sort_desc_rank_avx512(uint64_t* a, int64_t n) {
@@ -524,14 +506,13 @@ static PyObject* py_finish(PyObject* self, PyObject* args) {
 
 
 /* ---- Packed-GEMM schedule: the whole search of one query chunk in one call --------------------------------
- * With torch.mm per block, a block must be large (~1024 x 2048, 8 MB) for the matmul to run at full rate, so
+ * With torch.mm per block, a block must be large (megabytes of scores) for the matmul to run at full rate, so
  * the filter reads it back from L3 or memory. MKL's packed GEMM (cblas_sgemm_pack / cblas_sgemm_compute)
- * packs each operand once into the layout its kernels read, after which small blocks (256 x 512 scores,
- * 512 KB) run at the full matmul rate, and the filter reads each block right after it is written (with the
- * packed operands streaming through the same 1 MB L2, the scan still reads at about L3 speed: ~0.025 of
- * the matmul, benchmarks/profile_packed.py). torch's x86 wheels carry MKL; exact.py looks the four
- * functions up in the loaded libtorch_cpu and hands their addresses to set_blas (no link-time dependency;
- * without them this schedule is simply not offered). MKL_INT is 32-bit (LP64 interface). */
+ * packs each operand once into the layout its kernels read, after which small blocks (e.g. 256 x 512
+ * scores, 512 KB) run at the full matmul rate, and the filter reads each block right after it is written.
+ * torch's x86 wheels carry MKL; contrastive/index/_kernels/__init__.py looks the four functions up in the
+ * loaded libtorch_cpu and hands their addresses to set_blas (no link-time dependency; without them this
+ * schedule is simply not offered). MKL_INT is 32-bit (LP64 interface). */
 typedef size_t (*blas_pack_size_fn)(int identifier, int m, int n, int k);
 typedef void (*blas_pack_fn)(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
                              int ld, float* dest);
@@ -582,8 +563,8 @@ static int bad_block(long long rows, long long width, long long d) {
  *
  * The m queries are cut into s = ceil(m / rows) sub-chunks of equal size (the last zero-padded), each packed
  * once; the database is walked in groups of `group` pieces of `width` rows, each piece packed once per call
- * (the last zero-padded) and multiplied with every sub-chunk, so packing is shared by all m queries (~0.5%
- * of the matmul at m = 2048) and nothing is kept per database row.
+ * (the last zero-padded) and multiplied with every sub-chunk, so packing is shared by all m queries and
+ * nothing is kept per database row.
  *
  * `threads` OpenMP threads share the call. They pack the queries together, then take tasks (sub-chunk i,
  * group g) from one shared ticket counter, in the order g * s + i, until none is left: a task multiplies the
@@ -593,10 +574,7 @@ static int bad_block(long long rows, long long width, long long d) {
  * get there first, and a task also waits until the same sub-chunk's task of the group before is done (a
  * row must see the database in increasing id order, see the top of the file). There is no barrier between
  * groups, so a faster core simply takes more tasks. Each thread runs MKL on its own thread only
- * (mkl_set_num_threads_local(1), restored after). Measured on the shared 2-core VM (N = 100k, 10k
- * queries), whose cores ran ~10% apart: one call per worker thread kept both cores busy 94% of the time
- * (the faster one idled at the end), a barrier after each group 96-98%, these tasks 98-99% (the rest is
- * packing and the finish).
+ * (mkl_set_num_threads_local(1), restored after).
  *
  * MKL's pack_get_size reserves ~8 MB per packed operand whatever its size, of which only about the operand's
  * own size is written, so the buffers are malloc'ed (untouched pages cost no memory). */
