@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from datamodules.clip.models import (
-    CHECKPOINT_NAME, LOGIT_SCALE_MAX, ModelConfigError, build_clip_towers, export_open_clip, load_model_config,
+    CHECKPOINT_NAME, LOGIT_SCALE_MAX, ModelConfigError, build_clip_towers, load_model_config,
 )
 
 CAPTIONS = ["a small red circle left of a blue square", "there is a cross", "a picture of a white diamond"] * 2

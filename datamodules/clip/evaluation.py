@@ -18,7 +18,6 @@ Compositional accuracy (:func:`compositional_accuracy`), SugarCrepe's protocol (
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from datamodules.clip.loaders import BadRecords, ImageTextDataError, ImageTextDataset, ImageTextRecord
+from datamodules.clip.loaders import BadRecords, ImageTextDataError, ImageTextDataset, ImageTextRecord, read_json
 from datamodules.clip.perturb import CATEGORIES, CaptionPerturber
 from datamodules.clip.scenes import SceneSplit
 
@@ -210,10 +209,7 @@ def read_sugarcrepe(data_root: str | os.PathLike, image_root: str | os.PathLike,
     items = []
     for cat in categories:
         path = data_root / f"{cat}.json"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ImageTextDataError(f"{path}: cannot read SugarCrepe file ({e})") from None
+        data = read_json(path, "SugarCrepe file")
         if not isinstance(data, dict):
             raise ImageTextDataError(f"{path}: a SugarCrepe file maps an index to an item")
         for idx, it in data.items():

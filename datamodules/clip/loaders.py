@@ -88,6 +88,14 @@ class ImageTextRecord:
     source: str = ""
 
 
+def read_json(path: Path, what: str) -> Any:
+    """The JSON document in ``path``; an :class:`ImageTextDataError` naming the file if it cannot be read."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ImageTextDataError(f"{path}: cannot read {what} ({e})") from None
+
+
 def _finish(records: list[ImageTextRecord]) -> list[ImageTextRecord]:
     for i, r in enumerate(records):
         r.image_id = i
@@ -176,10 +184,7 @@ def read_coco_captions(path: str | os.PathLike, image_root: str | os.PathLike,
     ``{image_id, caption}``); every caption of an image is one of its positives. ``label`` is COCO's id."""
     path = Path(path)
     bad = bad or BadRecords()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ImageTextDataError(f"{path}: cannot read COCO captions JSON ({e})") from None
+    data = read_json(path, "COCO captions JSON")
     if not isinstance(data, dict):
         raise ImageTextDataError(f"{path}: a COCO captions file is a JSON object with 'images' and 'annotations'")
     for key in ("images", "annotations"):
