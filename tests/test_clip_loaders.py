@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.clip.loaders import (
     BadRecords, ImageTextCollate, ImageTextDataError, ImageTextDataset, WebDatasetImageText, image_transform,
-    read_coco_captions, read_manifest, scene_records,
+    read_coco_captions, read_manifest, sample_id, scene_records,
 )
 from datamodules.clip.scenes import SceneSettings, build_scene_corpus
 
@@ -139,7 +139,8 @@ def test_webdataset_shards(tmp_path):
     bad = BadRecords()
     items = list(WebDatasetImageText(str(shard), TRANSFORM, bad=bad))
     assert [it["caption"] for it in items][0] == "a red thing" and items[1]["caption"] in ("blue", "navy")
-    assert [it["image_id"] for it in items] == [0, 3]
+    assert [it["image_id"] for it in items] == [sample_id(str(shard), "s0"), sample_id(str(shard), "s3")]
+    assert len({sample_id("a.tar", "s0"), sample_id("b.tar", "s0"), sample_id("a.tar", "s1")}) == 3
     assert bad.count == 3
     assert "shard-000.tar: sample 's1': image 'png' cannot be decoded" in bad.examples[0]
     assert "'s2': no image" in bad.examples[1] and "'s4': no caption" in bad.examples[2]

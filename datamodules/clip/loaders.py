@@ -25,6 +25,7 @@ counts (``skipped`` in the batch).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -318,10 +319,17 @@ class ImageTextCollate:
         return batch
 
 
+def sample_id(url: str, key: str) -> int:
+    """A stable non-negative 62-bit id of a WebDataset sample from its shard's file name and its key."""
+    digest = hashlib.sha1(f"{Path(url).name}/{key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") >> 2
+
+
 class WebDatasetImageText(IterableDataset):
     """Items from WebDataset tar shards (``webdataset`` package): an image (``jpg``/``jpeg``/``png``/
     ``webp``/``bmp``) and a caption (``txt``, or ``json`` with ``caption_field``: a string or a list).
-    ``image_id`` counts samples in reading order (per worker); ``caption_id`` = ``image_id``. A sample
+    ``image_id`` (= ``caption_id`` = ``group``) is a stable id of the sample, :func:`sample_id` of its
+    shard's file name and key, the same in every worker and every epoch. A sample
     without an image or caption, or whose image does not decode, is skipped and counted or raises,
     naming the shard and the sample key."""
 
@@ -331,7 +339,7 @@ class WebDatasetImageText(IterableDataset):
         self.transform, self.caption_field, self.seed = transform, caption_field, seed
         self.bad = bad or BadRecords()
 
-    def _item(self, sample: Mapping[str, Any], index: int) -> dict[str, Any] | None:
+    def _item(self, sample: Mapping[str, Any]) -> dict[str, Any] | None:
         where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}"
         img_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
         cap_key = next((k for k in CAPTION_EXTENSIONS if k in sample), None)
@@ -357,6 +365,7 @@ class WebDatasetImageText(IterableDataset):
         except (OSError, UnidentifiedImageError, ValueError) as e:
             self.bad.report(where, f"image {img_key!r} cannot be decoded ({type(e).__name__}: {e})")
             return None
+        index = sample_id(str(sample.get("__url__", "")), str(sample.get("__key__", "")))
         c = int(np.random.default_rng([self.seed, index]).integers(len(captions)))
         return {"image": self.transform(img), "caption": captions[c], "image_id": index, "caption_id": index,
                 "group": index, "label": -1}
@@ -364,7 +373,7 @@ class WebDatasetImageText(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         import webdataset as wds
         pipeline = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False)
-        for index, sample in enumerate(pipeline):
-            item = self._item(sample, index)
+        for sample in pipeline:
+            item = self._item(sample)
             if item is not None:
                 yield item
