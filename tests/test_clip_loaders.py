@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.clip.loaders import (
     BadRecords, ImageTextCollate, ImageTextDataError, ImageTextDataset, WebDatasetImageText, image_transform,
-    read_coco_captions, read_manifest, sample_id, scene_records,
+    read_coco_captions, read_manifest, sample_id, scene_datasets, scene_records,
 )
 from datamodules.clip.scenes import SceneSettings, build_scene_corpus
 
@@ -161,6 +161,13 @@ def test_scene_records_and_per_image_sampling():
     b = [ds[i]["caption"] for i in range(12)]
     assert a != b and all(c in split.captions[i] for i, c in enumerate(b))
     item = ds[3]
+    datasets = scene_datasets({"train": split, "test": split}, image_transform(64, MEAN, STD))
+    assert datasets["train"].per == "image" and datasets["test"].per == "caption"
+    batch = ImageTextCollate(_tokenize)([datasets["train"][i] for i in range(4)])
+    fields = ImageTextCollate.contract_fields(batch)
+    assert fields["anchors"]["ids"].shape[0] == fields["candidates"]["pixels"].shape[0] == 4
+    assert fields["anchor_labels"].tolist() == fields["candidate_ids"].tolist() == [0, 1, 2, 3]
+    assert fields["candidate_groups"].tolist() == split.groups[:4].tolist()
     assert item["group"] == split.groups[3] and item["label"] == split.labels[3]
     expected = (split.images[3].astype(np.float32) / 255 - 0.5) / 0.5
     assert torch.allclose(item["image"], torch.from_numpy(expected).permute(2, 0, 1), atol=0.02)

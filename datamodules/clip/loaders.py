@@ -307,6 +307,18 @@ class ImageTextCollate:
     def __init__(self, tokenizer: Callable[[list[str]], Tensor]) -> None:
         self.tokenizer = tokenizer
 
+    @staticmethod
+    def contract_fields(batch: Mapping[str, Any], paired: bool = True) -> dict[str, Any]:
+        """Keyword arguments of the core's ``ContrastiveBatch`` for a collated batch: captions are the
+        anchors (``{"ids", "mask"}``), images the candidates (``{"pixels"}``); an anchor's positives are the
+        images with its ``image_id``; ``group`` marks known duplicates. ``paired`` (caption ``i`` belongs
+        to image ``i`` and no image repeats) holds for ``per="image"`` batches."""
+        ids = batch["ids"]
+        return {"anchors": {"ids": ids, "mask": ids != 0}, "candidates": {"pixels": batch["pixels"]},
+                "anchor_ids": batch["caption_id"], "candidate_ids": batch["image_id"],
+                "anchor_labels": batch["image_id"], "candidate_labels": batch["image_id"],
+                "anchor_groups": batch["group"], "candidate_groups": batch["group"], "paired": paired}
+
     def __call__(self, items: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
         good = [it for it in items if it is not None]
         batch: dict[str, Any] = {"skipped": len(items) - len(good)}
@@ -317,6 +329,15 @@ class ImageTextCollate:
         for key in ("image_id", "caption_id", "group", "label"):
             batch[key] = torch.tensor([int(it[key]) for it in good], dtype=torch.long)
         return batch
+
+
+def scene_datasets(splits: Mapping[str, SceneSplit], transform: Callable[[Image.Image], Tensor],
+                   train_per: str = "image", seed: int = 0) -> dict[str, ImageTextDataset]:
+    """An :class:`ImageTextDataset` per generated split: ``train`` one item per image (a caption drawn
+    per epoch), the others one item per caption (every positive)."""
+    return {name: ImageTextDataset(scene_records(split), transform, images=split.images,
+                                   per=train_per if name == "train" else "caption", seed=seed)
+            for name, split in splits.items()}
 
 
 def sample_id(url: str, key: str) -> int:
