@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from datamodules.clip.grammar import (
-    COLOURS, SHAPES, Caption, CaptionParseError, Clause, NounPhrase, caption_holds, parse_caption,
+    COLOURS, SHAPES, Caption, CaptionParseError, Clause, NounPhrase, caption_holds, parse_caption, truth_matrix,
 )
 from datamodules.clip.scenes import (
     PALETTE, Scene, SceneError, SceneObject, SceneSettings, build_scene_corpus, describe_scene, held_out_combos,
@@ -51,6 +51,12 @@ def test_caption_truth_by_hand():
     assert not caption_holds("a circle left of a circle", RED_LEFT_BLUE)              # two distinct objects
     assert caption_holds("a red circle and a large square", RED_LEFT_BLUE)
     assert not caption_holds("a red circle and a cross", RED_LEFT_BLUE)
+
+
+def test_truth_matrix():
+    other = Scene((SceneObject("circle", "red", "large", 0, 0),))
+    caps = ["a red circle", "a small red circle left of a blue square", "a large circle"]
+    assert truth_matrix(caps, [RED_LEFT_BLUE, other]) == [[True, True], [True, False], [False, True]]
 
 
 def test_described_captions_hold_and_parse():

@@ -230,3 +230,11 @@ def caption_holds(caption: Caption | str, scene: "Scene") -> bool:
     """True when every clause of ``caption`` is satisfied by objects of ``scene``."""
     cap = parse_caption(caption) if isinstance(caption, str) else caption
     return all(clause_holds(cl, scene.objects) for cl in cap.clauses)
+
+
+def truth_matrix(captions: Sequence[str], scenes: Sequence["Scene"]) -> list[list[bool]]:
+    """``out[i][j]``: caption ``i`` holds for scene ``j``. For generated data this is the exact set of
+    false negatives: a caption that holds for another image is one of that image's true descriptions.
+    Each distinct caption is parsed once."""
+    parsed = {c: parse_caption(c) for c in dict.fromkeys(captions)}
+    return [[caption_holds(parsed[c], s) for s in scenes] for c in captions]
