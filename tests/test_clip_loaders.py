@@ -45,12 +45,13 @@ def _tokenize(texts):
 def test_csv_manifest_groups_captions_and_skips_bad_rows(tmp_path, images):
     m = tmp_path / "train.csv"
     m.write_text("filepath,title\nred.png,a red thing\nblue.png,a blue thing\nred.png,crimson\n"
-                 ",no image here\nblue.png,\nmissing.png,a ghost\ncorrupt.jpg,broken\n")
+                 ",no image here\nblue.png,\nmissing.png,a ghost\ncorrupt.jpg,broken\nmissing.png,again\n")
     bad = BadRecords()
     recs = read_manifest(m, images, bad=bad)
     assert [(r.image, r.captions, r.image_id) for r in recs] == [
         ("red.png", ["a red thing", "crimson"], 0), ("blue.png", ["a blue thing"], 1), ("corrupt.jpg", ["broken"], 2)]
-    assert bad.count == 3
+    assert bad.count == 4
+    assert any("train.csv:9: image file 'missing.png' not found" in e for e in bad.examples)
     assert any("train.csv:5: row has no image" in e for e in bad.examples)
     assert any("train.csv:6: row has no caption" in e for e in bad.examples)
     assert any("train.csv:7: image file 'missing.png' not found" in e for e in bad.examples)
@@ -58,7 +59,7 @@ def test_csv_manifest_groups_captions_and_skips_bad_rows(tmp_path, images):
     ds = ImageTextDataset(recs, TRANSFORM, images, bad=bad)
     assert len(ds) == 4 and ds.caption_image_ids.tolist() == [0, 0, 1, 2]
     batch = next(iter(DataLoader(ds, batch_size=4, collate_fn=ImageTextCollate(_tokenize))))
-    assert batch["skipped"] == 1 and bad.count == 4 and "corrupt.jpg" in bad.examples[-1]
+    assert batch["skipped"] == 1 and bad.count == 5 and "corrupt.jpg" in bad.examples[-1]
     assert batch["pixels"].shape == (3, 3, 16, 16)
     assert batch["image_id"].tolist() == [0, 0, 1] and batch["caption_id"].tolist() == [0, 1, 2]
     assert batch["ids"].tolist()[1] == [len("crimson"), 0]

@@ -61,6 +61,11 @@ def test_logit_scale_is_open_clips_and_clamped():
     with torch.no_grad():
         t.model.logit_scale.fill_(-1.0)
     assert float(t.logit_scale()) == pytest.approx(1.0)
+    # used twice in one graph (e.g. two loss terms): the in-range parameter is not touched again
+    with torch.no_grad():
+        t.model.logit_scale.fill_(2.0)
+    (t.logit_scale() * 2 + t.logit_scale()).backward()
+    assert float(t.model.logit_scale.grad) == pytest.approx(3 * math.exp(2.0))
 
 
 def test_builtin_open_clip_name_random_init():

@@ -121,10 +121,8 @@ def _group_rows(rows: Iterator[tuple[str, str, str, str]], root: Path | None, ba
         if not caption:
             bad.report(where, f"row has no caption (image {image!r})")
             continue
-        if image in missing:
-            continue
         if image not in by_image:
-            if check_files and not _check_file(root, image):
+            if image in missing or (check_files and not _check_file(root, image)):
                 missing.add(image)
                 bad.report(where, f"image file {image!r} not found" + (f" under {root}" if root else ""))
                 continue

@@ -172,8 +172,11 @@ class CLIPLogitScale(nn.Module):
         self.max_log = max_log
 
     def clamp_(self) -> None:
+        """Clamp in place, only when out of range (an in-range parameter keeps its version, so a graph
+        that already used it stays valid)."""
         with torch.no_grad():
-            self.logit_scale.clamp_(0.0, self.max_log)
+            if bool((self.logit_scale < 0).any() or (self.logit_scale > self.max_log).any()):
+                self.logit_scale.clamp_(0.0, self.max_log)
 
     def forward(self) -> Tensor:
         self.clamp_()
