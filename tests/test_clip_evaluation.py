@@ -11,7 +11,8 @@ from PIL import Image
 from torch import nn
 
 from datamodules.clip.evaluation import (
-    SCENE_TEMPLATES, compositional_accuracy, encode_dataset, evaluate_compositional, image_text_retrieval,
+    SCENE_TEMPLATES, compositional_accuracy, encode_dataset, evaluate_compositional, evaluate_zero_shot,
+    image_text_retrieval,
     read_image_folder, read_sugarcrepe, scene_compositional_items, zero_shot_accuracy, zero_shot_classifier,
 )
 from datamodules.clip.grammar import SHAPES, caption_holds
@@ -147,4 +148,11 @@ def test_scene_pipeline_with_tiny_towers(tmp_path, monkeypatch):
     clf = zero_shot_classifier(towers.text, towers.tokenizer, SHAPES, SCENE_TEMPLATES)
     zs = build_scene_corpus(SceneSettings(n_train=1, n_valid=0, n_test=0, n_zeroshot=6), use_cache=False)["zeroshot"]
     emb = towers.image({"pixels": torch.stack([transform(Image.fromarray(a)) for a in zs.images])}).detach()
-    assert 0.0 <= zero_shot_accuracy(emb, torch.from_numpy(zs.labels), clf)["top1"] <= 1.0
+    ref = zero_shot_accuracy(emb, torch.from_numpy(zs.labels), clf, ks=(1, 5))
+    assert ref["top5"] == 1.0  # five shapes
+    zs_ds = ImageTextDataset(scene_records(zs), transform, images=zs.images)
+    got = evaluate_zero_shot(towers.image, towers.text, towers.tokenizer, zs_ds, SHAPES, SCENE_TEMPLATES, ks=(1, 5))
+    assert got == pytest.approx(ref)
+    with pytest.raises(ValueError, match="class labels"):
+        evaluate_zero_shot(towers.image, towers.text, towers.tokenizer,
+                           ImageTextDataset([], transform), SHAPES)

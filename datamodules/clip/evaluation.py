@@ -147,6 +147,20 @@ def zero_shot_accuracy(image_emb: Tensor, labels: Tensor, classifier: Tensor,
     return {f"top{k}": float((order[:, :k] == labels[:, None]).any(1).float().mean()) for k in ks}
 
 
+def evaluate_zero_shot(image_tower: nn.Module, text_tower: nn.Module, tokenizer: Callable[[list[str]], Tensor],
+                       dataset: ImageTextDataset, class_names: Sequence[str],
+                       templates: Sequence[str] = DEFAULT_TEMPLATES, ks: Sequence[int] = (1,),
+                       batch_size: int = 256) -> dict[str, float]:
+    """Zero-shot accuracy over the images of ``dataset`` whose records carry a class ``label`` (the
+    generated ``zeroshot`` split, or :func:`read_image_folder`)."""
+    pixels, image_ids = dataset_images(dataset)
+    labels = torch.tensor([dataset.records[int(i)].label for i in image_ids], dtype=torch.long)
+    if len(labels) == 0 or bool((labels < 0).any()):
+        raise ValueError("zero-shot evaluation needs images with class labels (label >= 0)")
+    clf = zero_shot_classifier(text_tower, tokenizer, class_names, templates)
+    return zero_shot_accuracy(encode_images(image_tower, pixels, batch_size), labels, clf, ks)
+
+
 def read_image_folder(root: str | os.PathLike) -> tuple[list[ImageTextRecord], list[str]]:
     """A torchvision ImageFolder tree (``root/<class>/<image>``) as records (``label`` = class index,
     the caption the class name with ``_`` as spaces) and the class names."""
