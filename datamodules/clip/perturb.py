@@ -208,12 +208,13 @@ class CaptionPerturber:
                 scene: Scene | None = None) -> CaptionNegative | None:
         """One negative: ``category`` if given, else a category drawn uniformly among those of
         :attr:`categories` that have a candidate for this caption; ``None`` when none has."""
-        cats = [category] if category is not None else list(self.categories)
-        by_cat = {c: self.candidates(caption, c, scene) for c in cats}
-        usable = [c for c in cats if by_cat[c]]
-        if not usable:
-            return None
-        return self._pick(by_cat[usable[int(rng.integers(len(usable)))]], rng)
+        cats = [category] if category is not None else [self.categories[int(i)]
+                                                          for i in rng.permutation(len(self.categories))]
+        for cat in cats:  # the first usable category of a random order: uniform over the usable ones
+            cands = self.candidates(caption, cat, scene)
+            if cands:
+                return self._pick(cands, rng)
+        return None
 
 
 class RandomWordPerturber:
