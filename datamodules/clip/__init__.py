@@ -1,0 +1,9 @@
+"""The vision–language setting: generated compositional scenes, caption perturbations (text and image
+hard negatives), open_clip towers, image–text loaders for a user's data and compositional evaluation.
+
+Modules: :mod:`.grammar` (caption grammar), :mod:`.scenes` (scene generation, rendering, cache),
+:mod:`.lexicon` (concreteness), :mod:`.perturb` (SugarCrepe-style negatives), :mod:`.negatives`
+(generated negatives for a batch, as tower inputs), :mod:`.models` (open_clip towers and export),
+:mod:`.loaders` (manifest, COCO, WebDataset), :mod:`.evaluation` (retrieval, zero-shot, compositional
+accuracy, SugarCrepe reader).
+"""

@@ -1,0 +1,310 @@
+"""Hard negatives for image–text training: perturbed captions (text negatives) and re-rendered scenes
+(image negatives).
+
+Text negatives follow SugarCrepe's categories (Hsieh et al., NeurIPS 2023 D&B, arXiv 2306.14610) on the
+scene grammar of :mod:`datamodules.clip.grammar`:
+
+- ``replace_obj``: one shape word replaced by another shape;
+- ``replace_att``: one colour or size word replaced by another of its kind;
+- ``replace_rel``: one relation replaced by another ("left of" -> "above");
+- ``swap_obj``: the shapes of two noun phrases exchanged, attributes kept in place;
+- ``swap_att``: the colours (or sizes) of two noun phrases exchanged;
+- ``add_obj``: a clause "and a [colour] shape" appended;
+- ``add_att``: a colour or size inserted into a noun phrase that has none.
+
+Every :class:`CaptionNegative` records its category and its :class:`WordEdit` list: applying the edits
+to the positive's words gives the negative's words (:func:`apply_edits`), each edit is minimal (its
+first and last words differ), and outside the edits the two captions are equal. Given the scene, only
+negatives that are false for it are produced. The negative still parses under the grammar.
+
+Word choice (ConcretePlant of Concrete Jungle, Im et al., arXiv 2604.13313, which prefers perturbing
+concrete words): with ``selection="concreteness"`` a candidate is drawn with probability proportional to
+``exp(difficulty / temperature)``; ``"uniform"`` draws uniformly. A negative's ``difficulty`` in ``[0, 1]``
+is the mean normalised concreteness (:meth:`ConcretenessLexicon.normalised`) of the words the edit
+removes, or of the words it inserts when it removes none. This mapping is this project's design (the
+paper's formula is not public); it is meant as the per-pair input of a Cement-style margin
+``m = m0 + m1 * difficulty``.
+
+:class:`RandomWordPerturber` is the control: one uniformly chosen word replaced by a uniformly chosen
+vocabulary word, whatever its role (the result need not parse).
+
+Image negatives (:func:`perturb_scene`): the scene with one object's colour, size or shape changed, or two
+objects' cells exchanged (a relation change), re-rendered by the caller with :func:`render_scene`.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
+
+from datamodules.clip.grammar import (
+    ARTICLE, COLOURS, CONJUNCTION, RELATIONS, SHAPES, SIZES, VOCABULARY, Caption, CaptionParseError, Clause,
+    NounPhrase, caption_holds, parse_caption,
+)
+from datamodules.clip.lexicon import ConcretenessLexicon
+from datamodules.clip.scenes import Scene
+
+CATEGORIES: tuple[str, ...] = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att")
+RANDOM_CATEGORY = "random_word"
+SELECTIONS = ("concreteness", "uniform")
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {"colour": COLOURS, "size": SIZES}
+
+
+@dataclass(frozen=True)
+class WordEdit:
+    """Words ``[start, end)`` of the positive (``old``) replaced by ``new``; ``start == end`` inserts."""
+
+    start: int
+    end: int
+    old: tuple[str, ...]
+    new: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CaptionNegative:
+    text: str
+    positive: str
+    category: str
+    edits: tuple[WordEdit, ...]
+    difficulty: float
+
+    @property
+    def changed_words(self) -> tuple[str, ...]:
+        return tuple(w for e in self.edits for w in e.old + e.new)
+
+
+def apply_edits(tokens: Sequence[str], edits: Sequence[WordEdit]) -> list[str]:
+    """``tokens`` with every edit applied (edits must not overlap)."""
+    out = list(tokens)
+    for e in sorted(edits, key=lambda e: e.start, reverse=True):
+        if tuple(out[e.start:e.end]) != e.old:
+            raise ValueError(f"edit {e} does not match words {out[e.start:e.end]}")
+        out[e.start:e.end] = e.new
+    return out
+
+
+def _minimal(start: int, old: Sequence[str], new: Sequence[str]) -> WordEdit:
+    """The edit ``old -> new`` at ``start`` with common leading and trailing words dropped."""
+    old, new = list(old), list(new)
+    while old and new and old[0] == new[0]:
+        old.pop(0), new.pop(0)
+        start += 1
+    while old and new and old[-1] == new[-1]:
+        old.pop(), new.pop()
+    return WordEdit(start, start + len(old), tuple(old), tuple(new))
+
+
+class CaptionPerturber:
+    """SugarCrepe-category text negatives for captions of the scene grammar.
+
+    Args:
+        lexicon: concreteness ratings (default: the built-in table).
+        categories: the categories to draw from (default: all of :data:`CATEGORIES`).
+        selection: ``"concreteness"`` (prefer concrete words) or ``"uniform"``.
+        temperature: sharpness of the concreteness preference (smaller = more concrete).
+    """
+
+    def __init__(self, lexicon: ConcretenessLexicon | None = None, categories: Sequence[str] = CATEGORIES,
+                 selection: str = "concreteness", temperature: float = 0.1) -> None:
+        unknown = [c for c in categories if c not in CATEGORIES]
+        if unknown or not categories:
+            raise ValueError(f"unknown perturbation categories {unknown}; expected a non-empty subset of {CATEGORIES}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}; got {selection!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive; got {temperature}")
+        self.lexicon = lexicon or ConcretenessLexicon.builtin()
+        self.categories = tuple(categories)
+        self.selection = selection
+        self.temperature = float(temperature)
+
+    # ------------------------------------------------------------------------------ candidates
+    def _negative(self, positive: Caption, negative: Caption, category: str, edits: Sequence[WordEdit]) -> CaptionNegative:
+        removed = [w for e in edits for w in e.old]
+        words = removed or [w for e in edits for w in e.new]
+        difficulty = float(np.mean([self.lexicon.normalised(w) for w in words]))
+        return CaptionNegative(negative.text(), positive.text(), category, tuple(edits), difficulty)
+
+    def candidates(self, caption: Caption | str, category: str, scene: Scene | None = None) -> list[CaptionNegative]:
+        """Every negative of ``category`` for ``caption``; with ``scene``, only those false for it."""
+        cap = parse_caption(caption) if isinstance(caption, str) else caption
+        toks, slots = cap.tokens_and_slots()
+        out: list[CaptionNegative] = []
+
+        def replace_word(ci: int, role: str, field: str, np_: NounPhrase, values: Sequence[str], cat: str) -> None:
+            cur = getattr(np_, field)
+            span = slots[(ci, role, field)]
+            for v in values:
+                if v != cur:
+                    neg = cap.with_phrase(ci, role, replace(np_, **{field: v}))
+                    out.append(self._negative(cap, neg, cat, [WordEdit(span.start, span.end, (cur,), (v,))]))
+
+        phrases = list(cap.noun_phrases())
+        if category == "replace_obj":
+            for ci, role, np_ in phrases:
+                replace_word(ci, role, "shape", np_, SHAPES, category)
+        elif category == "replace_att":
+            for ci, role, np_ in phrases:
+                for field, values in ATTRIBUTE_VALUES.items():
+                    if getattr(np_, field) is not None:
+                        replace_word(ci, role, field, np_, values, category)
+        elif category == "replace_rel":
+            for ci, cl in enumerate(cap.clauses):
+                if cl.relation is None:
+                    continue
+                span = slots[(ci, "relation", "relation")]
+                for rel in RELATIONS:
+                    if rel != cl.relation:
+                        neg = cap.with_clause(ci, replace(cl, relation=rel))
+                        out.append(self._negative(cap, neg, category,
+                                                  [_minimal(span.start, RELATIONS[cl.relation], RELATIONS[rel])]))
+        elif category in ("swap_obj", "swap_att"):
+            fields = ("shape",) if category == "swap_obj" else tuple(ATTRIBUTE_VALUES)
+            for (ci, ri, a), (cj, rj, b) in itertools.combinations(phrases, 2):
+                for field in fields:
+                    va, vb = getattr(a, field), getattr(b, field)
+                    if va is None or vb is None or va == vb:
+                        continue
+                    neg = cap.with_phrase(ci, ri, replace(a, **{field: vb})).with_phrase(cj, rj, replace(b, **{field: va}))
+                    sa, sb = slots[(ci, ri, field)], slots[(cj, rj, field)]
+                    out.append(self._negative(cap, neg, category, [WordEdit(sa.start, sa.end, (va,), (vb,)),
+                                                                   WordEdit(sb.start, sb.end, (vb,), (va,))]))
+        elif category == "add_obj":
+            for shape in SHAPES:
+                for colour in (None, *COLOURS):
+                    np_ = NounPhrase(shape, colour)
+                    neg = replace(cap, clauses=cap.clauses + (Clause(np_),))
+                    new = (CONJUNCTION, ARTICLE, *([colour] if colour else []), shape)
+                    out.append(self._negative(cap, neg, category, [WordEdit(len(toks), len(toks), (), new)]))
+        elif category == "add_att":
+            for ci, role, np_ in phrases:
+                start = slots[(ci, role, "np")].start
+                if np_.size is None:  # the size goes right after the article
+                    for v in SIZES:
+                        neg = cap.with_phrase(ci, role, replace(np_, size=v))
+                        out.append(self._negative(cap, neg, category, [WordEdit(start + 1, start + 1, (), (v,))]))
+                if np_.colour is None:  # the colour goes right before the shape
+                    at = slots[(ci, role, "shape")].start
+                    for v in COLOURS:
+                        neg = cap.with_phrase(ci, role, replace(np_, colour=v))
+                        out.append(self._negative(cap, neg, category, [WordEdit(at, at, (), (v,))]))
+        else:
+            raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
+        if scene is not None:
+            out = [n for n in out if not caption_holds(n.text, scene)]
+        return out
+
+    # ------------------------------------------------------------------------------- sampling
+    def _pick(self, cands: Sequence[CaptionNegative], rng: np.random.Generator) -> CaptionNegative:
+        if self.selection == "uniform":
+            return cands[int(rng.integers(len(cands)))]
+        d = np.array([c.difficulty for c in cands]) / self.temperature
+        p = np.exp(d - d.max())
+        return cands[int(rng.choice(len(cands), p=p / p.sum()))]
+
+    def perturb(self, caption: Caption | str, rng: np.random.Generator, category: str | None = None,
+                scene: Scene | None = None) -> CaptionNegative | None:
+        """One negative: ``category`` if given, else a category drawn uniformly among those of
+        :attr:`categories` that have a candidate for this caption; ``None`` when none has."""
+        cats = [category] if category is not None else [self.categories[int(i)]
+                                                          for i in rng.permutation(len(self.categories))]
+        for cat in cats:  # the first usable category of a random order: uniform over the usable ones
+            cands = self.candidates(caption, cat, scene)
+            if cands:
+                return self._pick(cands, rng)
+        return None
+
+
+class RandomWordPerturber:
+    """The control: one word at a uniform position replaced by a different uniform vocabulary word.
+
+    With ``scene``, a replacement that leaves a caption true for the scene is redrawn (up to ``max_tries``).
+    The difficulty is the normalised concreteness of the removed word, as for :class:`CaptionPerturber`.
+    """
+
+    def __init__(self, lexicon: ConcretenessLexicon | None = None, vocabulary: Sequence[str] = VOCABULARY,
+                 max_tries: int = 20) -> None:
+        if len(set(vocabulary)) < 2:
+            raise ValueError("the vocabulary needs at least two words")
+        self.lexicon = lexicon or ConcretenessLexicon.builtin()
+        self.vocabulary = tuple(dict.fromkeys(vocabulary))
+        self.max_tries = max_tries
+
+    def perturb(self, caption: str, rng: np.random.Generator, scene: Scene | None = None) -> CaptionNegative | None:
+        toks = caption.split(" ")
+        for _ in range(self.max_tries):
+            i = int(rng.integers(len(toks)))
+            choices = [w for w in self.vocabulary if w != toks[i]]
+            new = choices[int(rng.integers(len(choices)))]
+            neg = toks[:i] + [new] + toks[i + 1:]
+            text = " ".join(neg)
+            if scene is not None:
+                try:
+                    if caption_holds(text, scene):
+                        continue
+                except CaptionParseError:
+                    pass  # an ungrammatical caption describes no scene
+            return CaptionNegative(text, caption, RANDOM_CATEGORY, (WordEdit(i, i + 1, (toks[i],), (new,)),),
+                                   self.lexicon.normalised(toks[i]))
+        return None
+
+
+# ------------------------------------------------------------------------------------- image negatives
+
+IMAGE_EDITS: tuple[str, ...] = ("colour", "size", "shape", "relation")
+
+
+@dataclass(frozen=True)
+class SceneEdit:
+    """``kind`` in :data:`IMAGE_EDITS`; ``objects`` the indices changed; ``old``/``new`` the values
+    (for ``relation``: the two objects' cells, exchanged)."""
+
+    kind: str
+    objects: tuple[int, ...]
+    old: tuple
+    new: tuple
+
+
+def scene_edits(scene: Scene, kind: str) -> list[tuple[Scene, SceneEdit]]:
+    """Every scene that differs from ``scene`` by one edit of ``kind``."""
+    objs = scene.objects
+    out: list[tuple[Scene, SceneEdit]] = []
+    if kind in ("colour", "size", "shape"):
+        values = {"colour": COLOURS, "size": SIZES, "shape": SHAPES}[kind]
+        for i, o in enumerate(objs):
+            for v in values:
+                if v != getattr(o, kind):
+                    new = objs[:i] + (replace(o, **{kind: v}),) + objs[i + 1:]
+                    out.append((Scene(new), SceneEdit(kind, (i,), (getattr(o, kind),), (v,))))
+    elif kind == "relation":
+        for i, j in itertools.combinations(range(len(objs)), 2):
+            a, b = objs[i], objs[j]
+            if (a.shape, a.colour, a.size) == (b.shape, b.colour, b.size):
+                continue  # exchanging identical objects changes nothing
+            new = list(objs)
+            new[i], new[j] = replace(a, row=b.row, col=b.col), replace(b, row=a.row, col=a.col)
+            out.append((Scene(tuple(new)), SceneEdit(kind, (i, j), ((a.row, a.col), (b.row, b.col)),
+                                                     ((b.row, b.col), (a.row, a.col)))))
+    else:
+        raise ValueError(f"unknown scene edit {kind!r}; expected one of {IMAGE_EDITS}")
+    return out
+
+
+def perturb_scene(scene: Scene, rng: np.random.Generator, kinds: Sequence[str] = IMAGE_EDITS,
+                  caption: Caption | str | None = None) -> tuple[Scene, SceneEdit] | None:
+    """A scene with one attribute or relation changed (kind uniform among ``kinds`` that apply, then an
+    edit uniform within it). With ``caption`` (true for ``scene``), only scenes for which it is false:
+    a text->image hard negative. ``None`` when no edit qualifies."""
+    by_kind = {}
+    for k in kinds:
+        cands = scene_edits(scene, k)
+        if caption is not None:
+            cands = [c for c in cands if not caption_holds(caption, c[0])]
+        if cands:
+            by_kind[k] = cands
+    if not by_kind:
+        return None
+    cands = by_kind[list(by_kind)[int(rng.integers(len(by_kind)))]]
+    return cands[int(rng.integers(len(cands)))]
