@@ -5,8 +5,8 @@ a reader for SugarCrepe's released files.
 Retrieval (:func:`image_text_retrieval`): image->text ranks all captions for each image, text->image all
 images for each caption; an image and a caption are relevant iff their labels (image ids) are equal, so
 every caption of an image counts as a hit. The metric values come from the core's multi-positive
-``contrastive.metrics.retrieval.retrieval_metrics(query_emb, doc_emb, query_labels=..., doc_labels=...)``
-(keys ``mrr``, ``recall@k``, ``success@k``, ``ndcg@10``), or any function with that signature.
+``contrastive.metrics.two_way_retrieval_metrics`` (keys ``mrr``, ``success@k`` — the "R@k" of image-text
+papers —, ``recall@k``, ``ndcg@10``, ``map``).
 
 Zero-shot (:func:`zero_shot_classifier`, :func:`zero_shot_accuracy`): each class's text embedding is the
 normalised mean of its normalised prompt embeddings over ``templates`` (CLIP, Radford et al. 2021); an
@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from contrastive.metrics import two_way_retrieval_metrics
 from datamodules.clip.loaders import BadRecords, ImageTextDataError, ImageTextDataset, ImageTextRecord, read_json
 from datamodules.clip.perturb import CATEGORIES, CaptionPerturber
 from datamodules.clip.scenes import SceneSplit
@@ -39,7 +40,6 @@ SUGARCREPE_CATEGORIES: tuple[str, ...] = ("add_obj", "add_att", "replace_obj", "
 SCENE_TEMPLATES: tuple[str, ...] = ("a {}", "there is a {}", "a picture of a {}")
 #: CLIP-style templates for a user's images
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")
-MetricsFn = Callable[..., Mapping[str, float]]
 
 
 # ------------------------------------------------------------------------------------- encoding
@@ -107,23 +107,14 @@ def encode_dataset(image_tower: nn.Module, text_tower: nn.Module, tokenizer: Cal
 
 # ------------------------------------------------------------------------------------ retrieval
 
-def _core_retrieval_metrics() -> MetricsFn:
-    try:
-        from contrastive.metrics.retrieval import retrieval_metrics
-    except ImportError as e:  # the multi-positive metrics of the core issue are not in this tree yet
-        raise ImportError("contrastive.metrics.retrieval.retrieval_metrics(query_emb, doc_emb, query_labels=, "
-                          "doc_labels=) is needed for image-text retrieval; pass metrics_fn=") from e
-    return retrieval_metrics
-
-
 def image_text_retrieval(image_emb: Tensor, text_emb: Tensor, image_labels: Tensor, text_labels: Tensor,
-                         metrics_fn: MetricsFn | None = None) -> dict[str, float]:
-    """``{"i2t/<metric>": ..., "t2i/<metric>": ...}``; an image and a caption are relevant iff their
-    labels are equal (several captions per image are several relevant documents for the image query)."""
-    fn = metrics_fn or _core_retrieval_metrics()
-    i2t = fn(image_emb, text_emb, query_labels=image_labels, doc_labels=text_labels)
-    t2i = fn(text_emb, image_emb, query_labels=text_labels, doc_labels=image_labels)
-    return {**{f"i2t/{k}": float(v) for k, v in i2t.items()}, **{f"t2i/{k}": float(v) for k, v in t2i.items()}}
+                         **kwargs: Any) -> dict[str, float]:
+    """``{"i2t/<metric>": ..., "t2i/<metric>": ...}`` from exact multi-positive ranks
+    (:func:`contrastive.metrics.two_way_retrieval_metrics`); an image ``(A, d)`` and a caption ``(B, d)``
+    are relevant iff their labels are equal, so several captions per image are several relevant
+    documents for the image query. ``kwargs`` (``ks``, ``ties``, ``chunk_size``) go to the metrics."""
+    out = two_way_retrieval_metrics(image_emb, text_emb, image_labels, text_labels, names=("i", "t"), **kwargs)
+    return {k.replace("i_to_t/", "i2t/").replace("t_to_i/", "t2i/"): float(v) for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------ zero-shot
