@@ -97,7 +97,7 @@ def _module_run(variant: str) -> dict[str, Any]:
     from contrastive.encoders import TransformerTextEncoder
     from contrastive.filters import PositiveAwareFilter
     from contrastive.losses import InfoNCELoss
-    from contrastive.models import DualEncoderModule
+    from datamodules.codesearch.model import DualEncoderModule
 
     kw = dict(MODULE_VARIANTS[variant])
     symmetric = kw.pop("symmetric", False)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from contrastive.distributed import gather_no_grad, is_distributed
 from contrastive.losses.estimators import BM25Estimator, FrozenEncoderEstimator
+from contrastive.models.batch import ContrastiveBatch
 from contrastive.registry import ESTIMATORS
 
 
@@ -50,12 +51,13 @@ def gather_strings(xs: list[str]) -> list[str]:
 
 
 class BatchEstimator:
-    """Base: ``estimate(module, batch) -> (B, M_batch + M_extra)`` r_ij, detached."""
+    """Base: ``estimate(module, batch) -> (B, M_batch + M_extra)`` r_ij, detached, for a
+    :class:`~contrastive.models.batch.ContrastiveBatch` of text towers (``{"ids", "mask"}`` inputs)."""
 
     def setup(self, module: nn.Module, datamodule: Any) -> None:
         """Called once at the start of fitting."""
 
-    def estimate(self, module: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    def estimate(self, module: nn.Module, batch: ContrastiveBatch) -> Tensor:
         raise NotImplementedError  # abstract: each estimator defines it
 
 
@@ -80,13 +82,13 @@ class BatchBM25Estimator(BatchEstimator):
             self.scorer.avgdl = float((offsets[1:] - offsets[:-1]).float().mean()) - 1.0  # without [CLS]
 
     @torch.no_grad()
-    def estimate(self, module: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        anchors = token_strings(batch["query_ids"], batch["query_mask"])
-        key = "query" if self.candidates == "queries" else "doc"
-        cands = gather_strings(token_strings(batch[f"{key}_ids"], batch[f"{key}_mask"]))
-        if "neg_ids" in batch and batch["neg_ids"].shape[0] > 0:
-            cands += gather_strings(token_strings(batch["neg_ids"], batch["neg_mask"]))
-        return self.scorer.estimate(anchors, cands).to(batch["query_ids"].device)
+    def estimate(self, module: nn.Module, batch: ContrastiveBatch) -> Tensor:
+        anchors = token_strings(batch.anchors["ids"], batch.anchors["mask"])
+        side = batch.anchors if self.candidates == "queries" else batch.candidates  # queries: paired batches
+        cands = gather_strings(token_strings(side["ids"], side["mask"]))
+        if batch.has_negatives:
+            cands += gather_strings(token_strings(batch.negatives.inputs["ids"], batch.negatives.inputs["mask"]))
+        return self.scorer.estimate(anchors, cands).to(batch.anchors["ids"].device)
 
 
 def _load_frozen_run(run_dir: str, checkpoint: Optional[str]) -> nn.Module:
@@ -134,14 +136,15 @@ class _FrozenRunEstimator(BatchEstimator):
         self.scorer.to(module.device)
 
     @torch.no_grad()
-    def estimate(self, module: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        self.frozen.to(batch["query_ids"].device)
-        key = "query" if self.query_to_query else "doc"
-        a = self.frozen.encode_queries(batch["query_ids"], batch["query_mask"])
-        enc = self.frozen.encode_queries if self.query_to_query else self.frozen.encode_documents
-        c = [gather_no_grad(enc(batch[f"{key}_ids"], batch[f"{key}_mask"]))]
-        if "neg_ids" in batch and batch["neg_ids"].shape[0] > 0:
-            c.append(gather_no_grad(self.frozen.encode_documents(batch["neg_ids"], batch["neg_mask"])))
+    def estimate(self, module: nn.Module, batch: ContrastiveBatch) -> Tensor:
+        self.frozen.to(batch.anchors["ids"].device)
+        a = self.frozen.encode(batch.anchors, "anchor")
+        if self.query_to_query:  # paired batches: candidate j is represented by its query
+            c = [gather_no_grad(self.frozen.encode(batch.anchors, "anchor"))]
+        else:
+            c = [gather_no_grad(self.frozen.encode(batch.candidates, "candidate"))]
+        if batch.has_negatives:
+            c.append(gather_no_grad(self.frozen.encode(batch.negatives.inputs, "candidate")))
         c_all = torch.cat(c)
         if self.normalize:
             a, c_all = nn.functional.normalize(a, dim=-1), nn.functional.normalize(c_all, dim=-1)
