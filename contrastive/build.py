@@ -75,11 +75,9 @@ def build_model(cfg: dict, vocab_size: Optional[int], loss: nn.Module, **objects
     filled = dict(lr=optim.get("lr"), weight_decay=optim.get("weight_decay"), warmup_steps=optim.get("warmup_steps"),
                   scheduler=optim.get("scheduler"), eval_chunk_size=ev.get("chunk_size"),
                   csn_distractors=ev.get("csn_distractors"), **objects)
-    from contrastive.samplers.queue import QueueSampler
-
     sampler = objects.get("sampler")
-    if isinstance(sampler, QueueSampler):  # sampler=queue: the queue lives in the model
-        filled.update(queue_size=sampler.queue_size, momentum=sampler.momentum)
+    if sampler is not None:  # e.g. sampler=queue: the queue lives in the model
+        filled.update(sampler.model_settings())
     params, _ = constructor_params(MODELS.get(name))
     for k, v in filled.items():
         if v is not None and k in params and k not in kwargs:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -151,10 +151,10 @@ class BM25NegativeSampler(TableSampler):
         return {**super().settings(), **self.mining, "filters": [repr(f) for f in (self.filters.filters if self.filters else [])],
                 "fill_random": self.fill_random, "candidates": self.candidates, "k1": self.k1, "b": self.b}
 
-    def setup(self, query_texts: Sequence[str], doc_texts: Sequence[str], pair_ids: Tensor,
-              dup_group: Optional[Tensor] = None) -> None:
-        """Store the corpus and mine the BM25 table of every training query (once)."""
-        super().setup(query_texts, doc_texts, pair_ids, dup_group)
+    def setup(self, ids: Tensor, groups: Optional[Tensor] = None,
+              texts: Optional[Mapping[str, Sequence[str]]] = None) -> None:
+        """Store the corpus and mine the BM25 table of every training query (once); needs the row texts."""
+        super().setup(ids, groups, texts)
         table, stats = self.mine()
         self.set_table(table)
         self.last_stats = stats
@@ -166,10 +166,11 @@ class BM25NegativeSampler(TableSampler):
                                                    filtered=self.filters is not None, sampler_name=self.name)
         if self.candidates is not None:
             candidate_depth(self.mining, n, self.max_group_size, 0, False, self.name)  # validates the window
-        scorer = BM25Scorer(self.doc_texts, k1=self.k1, b=self.b)
-        scores, ids = scorer.search(self.query_texts, depth)
+        queries = self.row_texts("anchor")
+        scorer = BM25Scorer(self.row_texts("candidate"), k1=self.k1, b=self.b)
+        scores, ids = scorer.search(queries, depth)
         rows = torch.arange(n)
-        pos = scorer.pair_scores(self.query_texts, rows.tolist())
+        pos = scorer.pair_scores(queries, rows.tolist())
         table, stats = mine_table(self, scores, ids, rows, pos, mining=self.mining, filters=self.filters,
                                   seed=self.seed, fill_random=self.fill_random)
         table.header.update({"sampler": {"name": self.name, "settings": self.settings()}, "checkpoint": None,

@@ -24,12 +24,13 @@ BM25 warm-up, computed in ``setup``), or ``"none"`` (in-batch only until the fir
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from contrastive.registry import SAMPLERS
+from contrastive.samplers.base import Encode, RefreshSchedule
 from contrastive.samplers.table import (
     MinedTable,
     TableSampler,
@@ -151,8 +152,7 @@ class FaissHardNegativeSampler(TableSampler):
         self.index_kind, self.metric = index_kind, metric
         self.index_kwargs = dict(index_kwargs or {})
         self.search_slack, self.warmup = search_slack, warmup
-        self.refresh_every_n_epochs, self.refresh_every_n_steps = refresh_every_n_epochs, refresh_every_n_steps
-        self.refresh_start_epoch = refresh_start_epoch
+        self.schedule = RefreshSchedule(refresh_every_n_epochs, refresh_every_n_steps, refresh_start_epoch)
         self._warmup_sampler: Optional[Any] = None
         self.last_stats: dict[str, float] = {}
 
@@ -162,10 +162,10 @@ class FaissHardNegativeSampler(TableSampler):
                 "fill_random": self.fill_random, "index_kind": self.index_kind, "metric": self.metric,
                 "index_kwargs": self.index_kwargs, "search_slack": self.search_slack}
 
-    def setup(self, query_texts: Sequence[str], doc_texts: Sequence[str], pair_ids: Tensor,
-              dup_group: Optional[Tensor] = None) -> None:
+    def setup(self, ids: Tensor, groups: Optional[Tensor] = None,
+              texts: Optional[Mapping[str, Sequence[str]]] = None) -> None:
         """Store the corpus, check the window against it and prepare the warm-up negatives."""
-        super().setup(query_texts, doc_texts, pair_ids, dup_group)
+        super().setup(ids, groups, texts)
         candidate_depth(self.mining, self.num_rows, self.max_group_size, self.search_slack,
                         self.filters is not None, self.name)  # raises on a window beyond the corpus
         self.table, self._lookup = None, None
@@ -181,7 +181,7 @@ class FaissHardNegativeSampler(TableSampler):
         else:
             self._warmup_sampler = None
         if self._warmup_sampler is not None:
-            self._warmup_sampler.setup(query_texts, doc_texts, pair_ids, dup_group)
+            self._warmup_sampler.setup(ids, groups, texts)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -226,12 +226,16 @@ class FaissHardNegativeSampler(TableSampler):
                                       "step": int(step)}})
         return table, stats
 
-    def refresh(self, encode_queries: Callable[[Sequence[str]], Tensor],
-                encode_documents: Callable[[Sequence[str]], Tensor], step: int) -> dict[str, float]:
-        """Encode the training corpus with the current model, re-mine and install the new table."""
+    @property
+    def refresh_schedule(self) -> RefreshSchedule:
+        return self.schedule
+
+    def refresh(self, encode: Encode, step: int) -> dict[str, float]:
+        """Encode the training rows with the current model, re-mine and install the new table."""
         self._check_ready()
-        q = encode_queries(self.query_texts)
-        d = encode_documents(self.doc_texts)
+        rows = torch.arange(self.num_rows)
+        q = encode(rows, "anchor")
+        d = encode(rows, "candidate")
         table, stats = self.mine_embeddings(q, d, step)
         self.set_table(table)
         self.last_stats = stats

@@ -49,7 +49,6 @@ from contrastive.filters.functional import (
     rowwise_isin,
     valid_candidates,
 )
-from contrastive.registry import SAMPLERS
 
 Sampling = Literal["top", "random", "softmax"]
 _SAMPLINGS = ("top", "random", "softmax")
@@ -390,7 +389,6 @@ def select_negatives(
     return MinedNegatives(ids=ids, scores=out_scores, counts=counts, stats=stats)
 
 
-@SAMPLERS.register("hard_negative_miner")
 class HardNegativeMiner:
     """Thin, configurable shell over :func:`select_negatives` (settings are validated at construction).
 

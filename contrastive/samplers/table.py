@@ -2,9 +2,9 @@
 
 Rows and ids
 ------------
-Every sampler here works on the **training corpus given to** :meth:`NegativeSampler.setup`: ``N`` records,
-record (row) ``i`` holding query ``query_texts[i]``, its positive document ``doc_texts[i]``, the global
-id ``pair_ids[i]`` and the duplicate group ``dup_group[i]`` (equal non-negative groups are known
+Every sampler here works on the **training rows given to** :meth:`NegativeSampler.setup`: ``N`` rows,
+row ``i`` holding one training pair with the item id ``pair_ids[i]`` and the duplicate group ``dup_group[i]``
+(text samplers also read the row texts ``texts["anchor"][i]`` / ``texts["candidate"][i]``) (equal non-negative groups are known
 duplicates; a negative group means "no known duplicate"). Negatives are **row positions** ``0..N-1``
 into that corpus (``-1`` = none); a collate turns them into documents and ``pair_id`` / ``dup_group``.
 
@@ -320,9 +320,7 @@ class CorpusSampler(NegativeSampler):
         super().__init__(num_negatives=num_negatives)
         self.exclude_duplicates = bool(exclude_duplicates)
         self.seed = int(seed)
-        self.epoch = 0
-        self.query_texts: list[str] = []
-        self.doc_texts: list[str] = []
+        self.texts: dict[str, list[str]] = {}
         self.pair_ids: Optional[Tensor] = None
         self.dup_group: Optional[Tensor] = None
         self._group_key: Optional[Tensor] = None
@@ -338,27 +336,29 @@ class CorpusSampler(NegativeSampler):
         self._check_ready()
         return int(self.pair_ids.shape[0])
 
-    def setup(self, query_texts: Sequence[str], doc_texts: Sequence[str], pair_ids: Tensor,
-              dup_group: Optional[Tensor] = None) -> None:
-        n = len(query_texts)
+    def setup(self, ids: Tensor, groups: Optional[Tensor] = None,
+              texts: Optional[Mapping[str, Sequence[str]]] = None) -> None:
+        pair_ids = torch.as_tensor(ids).long().cpu().view(-1)
+        n = pair_ids.shape[0]
         if n == 0:
-            raise ValueError(f"sampler {self.name!r}: the training corpus is empty (setup got 0 records)")
-        if len(doc_texts) != n:
-            raise ValueError(f"sampler {self.name!r}: {n} query texts but {len(doc_texts)} document texts")
-        pair_ids = torch.as_tensor(pair_ids).long().cpu().view(-1)
-        if pair_ids.shape[0] != n:
-            raise ValueError(f"sampler {self.name!r}: pair_ids has {pair_ids.shape[0]} entries for {n} records")
+            raise ValueError(f"sampler {self.name!r}: the training corpus is empty (setup got 0 rows)")
         if torch.unique(pair_ids).numel() != n:
-            raise ValueError(f"sampler {self.name!r}: pair_ids must be unique within the training corpus")
-        groups = pair_ids.clone() if dup_group is None else torch.as_tensor(dup_group).long().cpu().view(-1)
+            raise ValueError(f"sampler {self.name!r}: the row ids must be unique within the training corpus")
+        groups = pair_ids.clone() if groups is None else torch.as_tensor(groups).long().cpu().view(-1)
         if groups.shape[0] != n:
-            raise ValueError(f"sampler {self.name!r}: dup_group has {groups.shape[0]} entries for {n} records")
+            raise ValueError(f"sampler {self.name!r}: groups has {groups.shape[0]} entries for {n} rows")
+        texts = {k: list(v) for k, v in (texts or {}).items()}
+        for side, t in texts.items():
+            if side not in ("anchor", "candidate"):
+                raise ValueError(f"sampler {self.name!r}: texts keys must be 'anchor' / 'candidate'; got {side!r}")
+            if len(t) != n:
+                raise ValueError(f"sampler {self.name!r}: {len(t)} {side} texts for {n} rows")
         if self.num_negatives > n - 1:
             raise ValueError(
                 f"sampler {self.name!r}: num_negatives={self.num_negatives} is larger than the {n - 1} other "
                 f"records of the training corpus ({n} records); lower num_negatives"
             )
-        self.query_texts, self.doc_texts = list(query_texts), list(doc_texts)
+        self.texts = texts
         self.pair_ids, self.dup_group = pair_ids, groups
         # a comparison key: equal iff same non-negative group; ungrouped rows get unique keys
         top = int(groups.max().clamp_min(0)) + 1
@@ -370,20 +370,29 @@ class CorpusSampler(NegativeSampler):
         self._group_order, self._group_start, self._group_size = order, starts, ends - starts
         self._corpus_fp = None
 
+    def row_texts(self, side: str) -> list[str]:
+        """The texts of every row on ``side`` (``"anchor"`` / ``"candidate"``), for text samplers."""
+        if side not in self.texts:
+            raise ValueError(f"sampler {self.name!r} reads text: its datamodule must pass texts={{'anchor': ..., "
+                             f"'candidate': ...}} to setup (got {sorted(self.texts) or 'none'})")
+        return self.texts[side]
+
     def _check_ready(self) -> None:
         if self.pair_ids is None:
             raise RuntimeError(f"sampler {self.name!r}: setup() was not called (the datamodule passes it the "
                                "training corpus in its setup('fit'))")
 
     def corpus_fingerprint(self) -> str:
-        """sha1 over the training texts, pair ids and duplicate groups (16 hex digits)."""
+        """sha1 over the row ids, duplicate groups and (when given) texts (16 hex digits)."""
         self._check_ready()
         if self._corpus_fp is None:
             h = hashlib.sha1()
             h.update(self.pair_ids.numpy().tobytes())
             h.update(self.dup_group.numpy().tobytes())
-            for q, d in zip(self.query_texts, self.doc_texts):
-                h.update(q.encode("utf-8", "replace") + b"\0" + d.encode("utf-8", "replace") + b"\1")
+            if self.texts:
+                for q, d in zip(self.texts.get("anchor", [""] * self.num_rows),
+                                self.texts.get("candidate", [""] * self.num_rows)):
+                    h.update(q.encode("utf-8", "replace") + b"\0" + d.encode("utf-8", "replace") + b"\1")
             self._corpus_fp = h.hexdigest()[:16]
         return self._corpus_fp
 
@@ -411,10 +420,6 @@ class CorpusSampler(NegativeSampler):
         self._check_ready()
         safe = others.clamp_min(0)
         return (self._group_key[safe] == self._group_key[rows].view(-1, *([1] * (others.dim() - 1)))) & (others >= 0)
-
-    def set_epoch(self, epoch: int) -> None:
-        """The current training epoch (seeds per-epoch random draws; set by the batch sampler / callback)."""
-        self.epoch = int(epoch)
 
     # -- random draws -------------------------------------------------------------------------------
     def draw_random(self, rows: Tensor, k: int, avoid: Optional[Tensor] = None, salt: int = 0,
@@ -492,6 +497,9 @@ class TableSampler(CorpusSampler):
         if lookup.shape[1] < k:
             lookup = torch.cat([lookup, lookup.new_full((lookup.shape[0], k - lookup.shape[1]), -1)], dim=1)
         self._lookup = lookup[:, :k].contiguous()
+
+    def mined_table(self) -> Optional[MinedTable]:
+        return self.table
 
     def warmup_sample(self, rows: Tensor) -> Tensor:
         """Negatives before the first table: none (``-1``); subclasses override."""

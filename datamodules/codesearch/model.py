@@ -23,7 +23,8 @@ def pair_batch(batch: dict[str, Tensor]) -> ContrastiveBatch:
 
     Keys: ``query_ids``/``query_mask`` ``(B, Lq)``, ``doc_ids``/``doc_mask`` ``(B, Ld)``, ``pair_id`` ``(B,)``
     and optionally ``dup_group`` ``(B,)``; extra negatives ``neg_ids``/``neg_mask`` ``(K, Ld)`` with
-    ``neg_pair_id`` and ``neg_dup_group`` ``(K,)`` (:class:`~contrastive.samplers.collate.NegativeCollate`).
+    ``neg_pair_id`` and ``neg_dup_group`` ``(K,)`` and optionally ``neg_owner``, ``neg_weight``,
+    ``neg_difficulty`` ``(K,)`` (generated negatives; :class:`~contrastive.samplers.collate.NegativeCollate`).
     Query ``i`` and document ``i`` form pair ``pair_id[i]`` (the label of both).
     """
     ids = batch["pair_id"]
@@ -31,7 +32,9 @@ def pair_batch(batch: dict[str, Tensor]) -> ContrastiveBatch:
     if "neg_ids" in batch and batch["neg_ids"].shape[0] > 0:
         neg_ids = batch["neg_pair_id"]
         negatives = ExtraNegatives(inputs={"ids": batch["neg_ids"], "mask": batch["neg_mask"]}, ids=neg_ids,
-                                   labels=neg_ids, groups=batch.get("neg_dup_group", neg_ids))
+                                   labels=neg_ids, groups=batch.get("neg_dup_group", neg_ids),
+                                   weights=batch.get("neg_weight"), difficulty=batch.get("neg_difficulty"),
+                                   owner=batch.get("neg_owner"))
     return ContrastiveBatch.paired_items({"ids": batch["query_ids"], "mask": batch["query_mask"]},
                                          {"ids": batch["doc_ids"], "mask": batch["doc_mask"]}, ids,
                                          batch.get("dup_group", ids), negatives)
