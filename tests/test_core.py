@@ -227,3 +227,24 @@ def test_library_imports_neither_lightning_nor_the_application():
             "print(json.dumps(bad))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+# ------------------------------------------------------------------------------------------ mining settings
+def test_mining_settings_flat_in_yaml_typed_in_python():
+    from contrastive.build import build_sampler
+    from contrastive.config.validate import constructor_params
+    from contrastive.samplers import MiningSettings
+
+    s = build_sampler({"name": "faiss_hard", "num_negatives": 2, "range_max": 9,
+                       "filters": [{"name": "known_duplicates"}]})
+    assert s.mining == MiningSettings(num_negatives=2, range_max=9) and s.num_negatives == 2
+    assert isinstance(s.filters.filters[0], KnownDuplicatesFilter)  # the spec was built by build_sampler
+    params, hints = constructor_params(FaissHardNegativeSampler)
+    assert {"num_negatives", "range_max", "sampling", "strict"} <= set(params) and "mining" not in params
+    assert FaissHardNegativeSampler(MiningSettings(num_negatives=3)).mining.num_negatives == 3
+    with pytest.raises(ValueError, match="sampler 'faiss_hard': range_max must be > range_min"):
+        FaissHardNegativeSampler(range_min=5, range_max=2)
+    with pytest.raises(TypeError, match="not both"):
+        FaissHardNegativeSampler(MiningSettings(), num_negatives=2)
+    with pytest.raises(TypeError, match="must be a NegativeFilter"):
+        FaissHardNegativeSampler(filters=[{"name": "known_duplicates"}])  # YAML specs only through build_*

@@ -19,67 +19,14 @@ paper's BM25 and SimCSE estimators). The result goes to the loss as ``similarity
 from __future__ import annotations
 
 import copy
-import re
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BM25Estimator", "FrozenEncoderEstimator", "FrozenModelEstimator", "bm25_score_matrix", "simple_tokenize"]
+from contrastive.baselines.bm25 import bm25_score_matrix, code_tokens
 
-_WORD = re.compile(r"\w+")
-
-
-def simple_tokenize(text: str) -> list[str]:
-    """Lower-cased ``\\w+`` runs: the default BM25 tokenizer (pass a subword or code tokenizer instead to
-    follow the paper, which used the training model's tokenizer without its special tokens)."""
-    return _WORD.findall(text.lower())
-
-
-def bm25_score_matrix(
-    query_tokens: Sequence[Sequence[str]],
-    doc_tokens: Sequence[Sequence[str]],
-    *,
-    k1: float = 1.2,
-    b: float = 0.75,
-    avgdl: Optional[float] = None,
-) -> Tensor:
-    """``(Q, D)`` float64 BM25 scores of every query against every document of a small collection, in the
-    form of the Soft-InfoNCE code (Robertson–Spärck-Jones idf with r = R = 0)::
-
-        score(q, d) = sum_{token occurrence t in q} idf(t) * (k1 + 1) f(t, d) / (K(d) + f(t, d))
-        idf(t)      = log( (N - n(t) + 0.5) / (n(t) + 0.5) )        (negative when n(t) > N / 2)
-        K(d)        = k1 * ((1 - b) + b * |d| / avgdl)
-
-    ``N`` = number of documents, ``n(t)`` = documents containing ``t``, ``f`` = term frequency. Each query
-    occurrence counts once (qf = 1, so the paper's ``(k2 + 1) qf / (k2 + qf)`` factor is 1 and a repeated
-    query token adds repeatedly). ``avgdl`` defaults to the collection's mean length; the paper uses the
-    mean over the whole training set (see :meth:`BM25Estimator.fit`).
-    """
-    n_docs = len(doc_tokens)
-    vocab: dict[str, int] = {}
-    for doc in doc_tokens:
-        for tok in doc:
-            vocab.setdefault(tok, len(vocab))
-    tf = torch.zeros(n_docs, len(vocab), dtype=torch.float64)
-    for j, doc in enumerate(doc_tokens):
-        for tok in doc:
-            tf[j, vocab[tok]] += 1.0
-    qc = torch.zeros(len(query_tokens), len(vocab), dtype=torch.float64)
-    for i, query in enumerate(query_tokens):
-        for tok in query:
-            if tok in vocab:  # a token absent from every document scores 0
-                qc[i, vocab[tok]] += 1.0
-    dl = tf.sum(dim=1, keepdim=True)
-    if avgdl is None:
-        avgdl = float(dl.mean()) if n_docs else 1.0
-    avgdl = avgdl if avgdl > 0 else 1.0
-    n_t = (tf > 0).sum(dim=0).to(torch.float64)
-    idf = torch.log((n_docs - n_t + 0.5) / (n_t + 0.5))
-    K = k1 * ((1.0 - b) + b * dl / avgdl)
-    saturated = (k1 + 1.0) * tf / (K + tf)
-    return qc @ (idf[None, :] * saturated).T
-
+__all__ = ["BM25Estimator", "FrozenEncoderEstimator", "FrozenModelEstimator"]
 
 class BM25Estimator:
     """BM25 similarity estimator (the paper's ``--bm25``): ``r_ij`` = BM25 score of anchor text ``i``
@@ -87,11 +34,12 @@ class BM25Estimator:
     "documents" are the natural-language queries of the batch's pairs (query-to-query BM25), which is
     ``estimate(queries)``; for extra candidates (mined negatives) pass the text paired with each one.
 
-    This is a small self-contained scorer (:func:`bm25_score_matrix`, the paper's exact idf variant);
-    it does not depend on the corpus retriever in ``contrastive.baselines``.
+    Scores come from :func:`contrastive.baselines.bm25.bm25_score_matrix` (the paper's exact idf variant,
+    dense within the batch).
 
     Args:
-        tokenizer: ``str -> list[str]``; default :func:`simple_tokenize`.
+        tokenizer: ``str -> list[str]``; default the library's code tokenizer
+            :func:`contrastive.baselines.bm25.code_tokens`.
         k1, b: BM25 constants (1.2, 0.75 in the paper).
         avgdl: mean document length; ``None`` = the batch mean until :meth:`fit` sets it from a corpus.
         dtype: dtype of the returned scores.
@@ -101,7 +49,7 @@ class BM25Estimator:
                  avgdl: Optional[float] = None, dtype: torch.dtype = torch.float32) -> None:
         if k1 < 0 or not 0.0 <= b <= 1.0:
             raise ValueError(f"need k1 >= 0 and 0 <= b <= 1; got k1={k1}, b={b}")
-        self.tokenizer = tokenizer or simple_tokenize
+        self.tokenizer = tokenizer or code_tokens
         self.k1, self.b, self.avgdl, self.dtype = k1, b, avgdl, dtype
 
     def fit(self, corpus: Iterable[str]) -> "BM25Estimator":

@@ -52,7 +52,8 @@ def gather_strings(xs: list[str]) -> list[str]:
 
 class BatchEstimator:
     """Base: ``estimate(module, batch) -> (B, M_batch + M_extra)`` r_ij, detached, for a
-    :class:`~contrastive.models.batch.ContrastiveBatch` of text towers (``{"ids", "mask"}`` inputs)."""
+    :class:`~contrastive.models.batch.ContrastiveBatch` of text towers (``{"ids", "mask"}`` inputs; a
+    setting's own batch format is converted with ``module.as_batch``)."""
 
     def setup(self, module: nn.Module, datamodule: Any) -> None:
         """Called once at the start of fitting."""
@@ -82,7 +83,8 @@ class BatchBM25Estimator(BatchEstimator):
             self.scorer.avgdl = float((offsets[1:] - offsets[:-1]).float().mean()) - 1.0  # without [CLS]
 
     @torch.no_grad()
-    def estimate(self, module: nn.Module, batch: ContrastiveBatch) -> Tensor:
+    def estimate(self, module: nn.Module, batch: Any) -> Tensor:
+        batch = module.as_batch(batch)
         anchors = token_strings(batch.anchors["ids"], batch.anchors["mask"])
         side = batch.anchors if self.candidates == "queries" else batch.candidates  # queries: paired batches
         cands = gather_strings(token_strings(side["ids"], side["mask"]))
@@ -94,17 +96,20 @@ class BatchBM25Estimator(BatchEstimator):
 def _load_frozen_run(run_dir: str, checkpoint: Optional[str]) -> nn.Module:
     """Rebuild a run's model from its ``config.yaml`` and load its best (else last) checkpoint, frozen."""
     from contrastive import build
-    from contrastive.cli import find_checkpoint, load_config
+    from contrastive.config.loader import compose
+    from contrastive.config.validate import validate
+    from contrastive.encoders.tokenizer import BPETokenizer
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"similarity_estimator.run_dir: no config.yaml in {run}")
-    cfg = load_config(run / "config.yaml", [])
-    from contrastive.encoders.tokenizer import BPETokenizer
-
+    cfg = validate(*compose(run / "config.yaml", []))
     tok = BPETokenizer.load(str(run / "tokenizer"))
     model = build.build_model(cfg, tok.vocab_size, build.build_loss(cfg["loss"]))
-    ckpt = find_checkpoint(run, checkpoint)
+    candidates = [Path(checkpoint)] if checkpoint else [run / "checkpoints" / n for n in ("best.ckpt", "last.ckpt")]
+    ckpt = next((c for c in candidates if c.is_file()), None)
+    if ckpt is None:
+        raise FileNotFoundError(f"similarity_estimator: no checkpoint at {', '.join(map(str, candidates))}")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     model.load_state_dict(state["state_dict"], strict=False)
     model.eval().requires_grad_(False)
@@ -136,7 +141,8 @@ class _FrozenRunEstimator(BatchEstimator):
         self.scorer.to(module.device)
 
     @torch.no_grad()
-    def estimate(self, module: nn.Module, batch: ContrastiveBatch) -> Tensor:
+    def estimate(self, module: nn.Module, batch: Any) -> Tensor:
+        batch = module.as_batch(batch)
         self.frozen.to(batch.anchors["ids"].device)
         a = self.frozen.encode(batch.anchors, "anchor")
         if self.query_to_query:  # paired batches: candidate j is represented by its query
