@@ -131,5 +131,5 @@ TRANSFORMS: Registry = Registry("feature transform", "contrastive.transforms.fea
 #: settings register their configurations of the module (code search: ``dual_encoder``) in ``datamodules``
 MODELS: Registry = Registry("model", "contrastive.models.contrastive:ContrastiveModule",
                             ("contrastive.models", "datamodules"))
-ESTIMATORS: Registry = Registry("similarity estimator", "contrastive.models.estimates:BatchEstimator",
+ESTIMATORS: Registry = Registry("similarity estimator", "contrastive.losses.estimators:SimilarityEstimator",
                                 ("contrastive.models.estimates",))

@@ -33,7 +33,7 @@ def test_bm25_estimator_scores_identical_queries_highest():
     batch = tiny_batch(12, vocab=1000)  # rare tokens: positive idf (the paper's idf is negative for common ones)
     batch["query_ids"][1] = batch["query_ids"][0]
     batch["query_mask"][1] = batch["query_mask"][0]
-    r = BatchBM25Estimator().estimate(tiny_model(), batch)
+    r = BatchBM25Estimator().estimate_batch(tiny_model(), batch)
     assert r.shape == (12, 12)
     assert r[0, 1] == r[0, 0] and r[0, 1] > r[0, 2]
     assert token_strings(torch.tensor([[2, 5, 6, 0]]), torch.tensor([[True, True, True, False]])) == ["5 6"]

@@ -2,14 +2,18 @@
 ``(B, M)`` estimate ``r_ij`` of how related anchor ``i`` and candidate ``j`` are, from outside the model
 being trained.
 
-Every estimator is a plain class (not an ``nn.Module``, so it is neither trained nor saved with the model)
-with one call::
+One hierarchy: every estimator is a :class:`SimilarityEstimator` (a plain class, not an ``nn.Module``, so
+it is neither trained nor saved with the model) with two calls::
 
-    estimator.estimate(anchors, candidates=None) -> Tensor (B, M)
+    estimator.estimate(anchors, candidates=None) -> Tensor (B, M)            # on raw inputs
+    estimator.estimate_batch(module, batch) -> Tensor (B, M_batch + M_extra)  # in a training step
 
-where ``anchors`` / ``candidates`` are whatever the estimator reads (texts for BM25, model inputs for the
+``anchors`` / ``candidates`` are whatever the estimator reads (texts for BM25, model inputs for the
 encoders) and ``candidates=None`` means "the anchors themselves" (query-to-query similarity, as in the
-paper's BM25 and SimCSE estimators). The result goes to the loss as ``similarity_estimate=``.
+paper's BM25 and SimCSE estimators). ``estimate_batch`` is what
+:class:`~contrastive.models.contrastive.ContrastiveModule` calls with its
+:class:`~contrastive.models.batch.ContrastiveBatch` (the registered, config-selectable estimators of
+:mod:`contrastive.models.estimates` implement it); the result goes to the loss as ``similarity_estimate=``.
 
 - :class:`BM25Estimator`: lexical BM25 of query ``i`` against the text standing for candidate ``j``.
 - :class:`FrozenEncoderEstimator`: cosine (or dot) similarity from any frozen encoder (SimCSE-like).
@@ -26,9 +30,25 @@ from torch import Tensor, nn
 
 from contrastive.baselines.bm25 import bm25_score_matrix, code_tokens
 
-__all__ = ["BM25Estimator", "FrozenEncoderEstimator", "FrozenModelEstimator"]
+__all__ = ["BM25Estimator", "FrozenEncoderEstimator", "FrozenModelEstimator", "SimilarityEstimator"]
 
-class BM25Estimator:
+
+class SimilarityEstimator:
+    """Base of every similarity estimator (see the module docstring)."""
+
+    def estimate(self, anchors: Any, candidates: Any = None) -> Tensor:
+        """``(B, M)`` estimates from raw inputs; ``candidates=None``: the anchors themselves."""
+        raise NotImplementedError(f"{type(self).__name__} does not estimate from raw inputs")
+
+    def setup(self, module: nn.Module, datamodule: Any) -> None:
+        """Called once at the start of fitting (e.g. to read corpus statistics); default: nothing."""
+
+    def estimate_batch(self, module: nn.Module, batch: Any) -> Tensor:
+        """``(B, M_batch + M_extra)`` estimates of a training batch, columns laid out like the module's
+        candidates (gathered in-batch candidates, then gathered extra negatives), detached."""
+        raise NotImplementedError(f"{type(self).__name__} does not estimate within a training batch")
+
+class BM25Estimator(SimilarityEstimator):
     """BM25 similarity estimator (the paper's ``--bm25``): ``r_ij`` = BM25 score of anchor text ``i``
     (the query) against the text standing for candidate ``j``, scored within the batch. In the paper the
     "documents" are the natural-language queries of the batch's pairs (query-to-query BM25), which is
@@ -73,7 +93,7 @@ class BM25Estimator:
         return scores.to(self.dtype)
 
 
-class FrozenEncoderEstimator:
+class FrozenEncoderEstimator(SimilarityEstimator):
     """Similarity from a frozen encoder (the paper's ``--simcse`` estimator, or any frozen checkpoint):
     ``r_ij = cos(e(a_i), e'(c_j))`` (or the raw dot product with ``normalize=False``).
 

@@ -56,7 +56,8 @@ class ContrastiveModule(L.LightningModule):
         cache_chunk_size: ``None`` or GradCache (Gao et al. 2021, arXiv 2101.06983) encoder chunks of this
             many rows: the gradient equals the full-batch one (:mod:`contrastive.models.gradcache`).
         cache_chunked_loss: with GradCache, also compute the loss in blocks of anchor rows.
-        similarity_estimator: batch-level similarity estimates r_ij (Soft-InfoNCE, guide filters).
+        similarity_estimator: a :class:`~contrastive.losses.estimators.SimilarityEstimator`: batch-level
+            similarity estimates r_ij (Soft-InfoNCE, guide filters).
         difficulty: ``None``, ``"similarity"`` or ``"estimate"``: the difficulty matrix of the loss.
         feature_transform: feature-space transforms between towers and loss (training only).
         filters: false-negative filters applied to every step's candidates (once per step).
@@ -183,7 +184,7 @@ class ContrastiveModule(L.LightningModule):
         """``(B, M_batch + M_extra)`` similarity estimates r_ij (Soft-InfoNCE, guide filters), or None."""
         if self.similarity_estimator is None:
             return None
-        return self.similarity_estimator.estimate(self, batch).to(self.device)
+        return self.similarity_estimator.estimate_batch(self, batch).to(self.device)
 
     def on_fit_start(self) -> None:
         if self.similarity_estimator is not None:

@@ -1,5 +1,7 @@
 """Batch-level similarity estimates for Soft-InfoNCE (Li et al. 2023) and Cement difficulty, registered in
-:data:`contrastive.registry.ESTIMATORS` and selected in YAML as ``model.similarity_estimator``.
+:data:`contrastive.registry.ESTIMATORS` and selected in YAML as ``model.similarity_estimator``: the
+:class:`~contrastive.losses.estimators.SimilarityEstimator` subclasses of text settings that implement
+``estimate_batch``.
 
 An estimator turns one training batch into representations that are gathered like the candidates, then
 scored: ``r = score(anchor_repr(batch), all candidate reprs)`` ``(B, M)``, with the columns laid out like the
@@ -30,7 +32,6 @@ from torch import Tensor, nn
 
 from contrastive.distributed import gather_no_grad, is_distributed
 from contrastive.losses.estimators import BM25Estimator, FrozenEncoderEstimator
-from contrastive.models.batch import ContrastiveBatch
 from contrastive.registry import ESTIMATORS
 
 
@@ -50,20 +51,8 @@ def gather_strings(xs: list[str]) -> list[str]:
     return [s for p in parts for s in p]
 
 
-class BatchEstimator:
-    """Base: ``estimate(module, batch) -> (B, M_batch + M_extra)`` r_ij, detached, for a
-    :class:`~contrastive.models.batch.ContrastiveBatch` of text towers (``{"ids", "mask"}`` inputs; a
-    setting's own batch format is converted with ``module.as_batch``)."""
-
-    def setup(self, module: nn.Module, datamodule: Any) -> None:
-        """Called once at the start of fitting."""
-
-    def estimate(self, module: nn.Module, batch: ContrastiveBatch) -> Tensor:
-        raise NotImplementedError  # abstract: each estimator defines it
-
-
 @ESTIMATORS.register("bm25")
-class BatchBM25Estimator(BatchEstimator):
+class BatchBM25Estimator(BM25Estimator):
     """BM25 within the (global) batch on BPE tokens.
 
     Args:
@@ -72,7 +61,7 @@ class BatchBM25Estimator(BatchEstimator):
     """
 
     def __init__(self, k1: float = 1.2, b: float = 0.75, candidates: Literal["queries", "documents"] = "queries") -> None:
-        self.scorer = BM25Estimator(tokenizer=str.split, k1=k1, b=b)
+        super().__init__(tokenizer=str.split, k1=k1, b=b)  # token ids as words
         self.candidates = candidates
 
     def setup(self, module: nn.Module, datamodule: Any) -> None:
@@ -80,17 +69,17 @@ class BatchBM25Estimator(BatchEstimator):
         ds = datamodule._dataset("train") if hasattr(datamodule, "_dataset") else None
         if ds is not None and hasattr(ds, "queries"):
             offsets = ds.queries.offsets
-            self.scorer.avgdl = float((offsets[1:] - offsets[:-1]).float().mean()) - 1.0  # without [CLS]
+            self.avgdl = float((offsets[1:] - offsets[:-1]).float().mean()) - 1.0  # without [CLS]
 
     @torch.no_grad()
-    def estimate(self, module: nn.Module, batch: Any) -> Tensor:
+    def estimate_batch(self, module: nn.Module, batch: Any) -> Tensor:
         batch = module.as_batch(batch)
         anchors = token_strings(batch.anchors["ids"], batch.anchors["mask"])
         side = batch.anchors if self.candidates == "queries" else batch.candidates  # queries: paired batches
         cands = gather_strings(token_strings(side["ids"], side["mask"]))
         if batch.has_negatives:
             cands += gather_strings(token_strings(batch.negatives.inputs["ids"], batch.negatives.inputs["mask"]))
-        return self.scorer.estimate(anchors, cands).to(batch.anchors["ids"].device)
+        return self.estimate(anchors, cands).to(batch.anchors["ids"].device)
 
 
 def _load_frozen_run(run_dir: str, checkpoint: Optional[str]) -> nn.Module:
@@ -120,16 +109,16 @@ def _file_hash(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
-class _FrozenRunEstimator(BatchEstimator):
+class _FrozenRunEstimator(FrozenEncoderEstimator):
     query_to_query: bool = True
     normalize: bool = True
 
     def __init__(self, run_dir: str, checkpoint: Optional[str] = None) -> None:
         self.run_dir = run_dir
         self.frozen = _load_frozen_run(run_dir, checkpoint)
-        enc_d = self.frozen.encode_queries if self.query_to_query else self.frozen.encode_documents
-        self.scorer = FrozenEncoderEstimator(lambda x: self.frozen.encode_queries(*x), lambda x: enc_d(*x),
-                                             normalize=self.normalize, modules=[self.frozen])
+        side = "anchor" if self.query_to_query else "candidate"
+        super().__init__(lambda x: self.frozen.encode(x, "anchor"), lambda x: self.frozen.encode(x, side),
+                         normalize=self.normalize, modules=[self.frozen])
 
     def setup(self, module: nn.Module, datamodule: Any) -> None:
         mine = Path(getattr(datamodule, "tokenizer_dir_used", None) or getattr(datamodule, "tokenizer_dir", None) or "") / "tokenizer.json"
@@ -138,10 +127,10 @@ class _FrozenRunEstimator(BatchEstimator):
             raise ValueError(
                 f"similarity_estimator.run_dir: the frozen run's tokenizer ({theirs}) differs from this run's "
                 f"({mine}); set data.tokenizer_dir={theirs.parent} so both read the same token ids")
-        self.scorer.to(module.device)
+        self.to(module.device)
 
     @torch.no_grad()
-    def estimate(self, module: nn.Module, batch: Any) -> Tensor:
+    def estimate_batch(self, module: nn.Module, batch: Any) -> Tensor:
         batch = module.as_batch(batch)
         self.frozen.to(batch.anchors["ids"].device)
         a = self.frozen.encode(batch.anchors, "anchor")
