@@ -248,3 +248,19 @@ def test_mining_settings_flat_in_yaml_typed_in_python():
         FaissHardNegativeSampler(MiningSettings(), num_negatives=2)
     with pytest.raises(TypeError, match="must be a NegativeFilter"):
         FaissHardNegativeSampler(filters=[{"name": "known_duplicates"}])  # YAML specs only through build_*
+
+
+def test_eval_outputs_order_dedupe_and_single_positives():
+    from contrastive.models import EvalOutputs
+
+    a, c = torch.randn(4, 3), torch.randn(6, 3)
+    c[5] = c[1]  # candidate id 13 seen twice (e.g. from two ranks): kept once
+    o = EvalOutputs.collect(a, torch.tensor([3, 1, 2, 0]), torch.tensor([13, 11, 12, 10]), torch.arange(4), c,
+                            torch.tensor([14, 13, 11, 12, 10, 13]), torch.tensor([14, 13, 11, 12, 10, 13]),
+                            torch.arange(6))
+    assert o.anchor_ids.tolist() == [0, 1, 2, 3] and o.candidate_ids.tolist() == [10, 11, 12, 13, 14]
+    assert torch.equal(o.candidate_labels[o.positive], o.anchor_labels)
+    assert torch.equal(o.anchors[0], a[3]) and torch.equal(o.candidates[3], c[1])
+    several = EvalOutputs.collect(a, torch.arange(4), torch.tensor([1, 1, 2, 2]), torch.arange(4), c[:4],
+                                  torch.arange(4), torch.tensor([1, 1, 2, 2]), torch.arange(4))
+    assert several.positive is None  # several positives per anchor: relevance comes from the labels

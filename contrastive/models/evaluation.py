@@ -42,9 +42,11 @@ class EvalOutputs:
         a, a_ids, a_labels, a_groups = a[order], a_ids[order], a_labels[order], a_groups[order]
         uniq, first = _first_occurrence(c_ids)
         c, c_labels, c_groups = c[first], c_labels[first], c_groups[first]
-        match = a_labels[:, None] == c_labels[None, :]
-        count = match.sum(dim=1)
-        positive = match.float().argmax(dim=1) if bool((count == 1).all()) else None
+        order = torch.argsort(c_labels, stable=True)  # positives by binary search, not a (Q, N) matrix
+        left = torch.searchsorted(c_labels[order], a_labels)
+        count = torch.searchsorted(c_labels[order], a_labels, right=True) - left
+        single = c_labels.numel() > 0 and bool((count == 1).all())
+        positive = order[left.clamp(max=max(c_labels.numel() - 1, 0))] if single else None
         return cls(a, a_ids, a_labels, a_groups, c, uniq, c_labels, c_groups, positive)
 
 

@@ -1,9 +1,10 @@
 """The memory-queue "sampler": negatives are past batches' document embeddings (MoCo, He et al. 2020).
 
-A queue is a property of the model (it lives in :class:`~contrastive.models.dual_encoder.DualEncoderModule`
+A queue is a property of the model (it lives in :class:`~contrastive.models.contrastive.ContrastiveModule`
 buffers and needs its encoders), so :class:`QueueSampler` is a *marker*: it adds no extra documents to the
 batch and only carries the settings that :func:`contrastive.build.build_model` passes to the model as
-``queue_size`` / ``momentum`` (:meth:`QueueSampler.model_settings`). Switching is one command-line override: ``sampler=queue``.
+``queue_size`` / ``momentum`` (:meth:`QueueSampler.model_settings`). Switching is one command-line
+override: ``sampler=queue``.
 """
 from __future__ import annotations
 
