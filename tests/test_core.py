@@ -264,3 +264,25 @@ def test_eval_outputs_order_dedupe_and_single_positives():
     several = EvalOutputs.collect(a, torch.arange(4), torch.tensor([1, 1, 2, 2]), torch.arange(4), c[:4],
                                   torch.arange(4), torch.tensor([1, 1, 2, 2]), torch.arange(4))
     assert several.positive is None  # several positives per anchor: relevance comes from the labels
+
+
+def test_readme_layout_matches_the_tree():
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout"):text.index("## Configs")]
+    rows = [line.split("|")[1] for line in layout.splitlines() if line.startswith("| `")]
+    listed = {p for row in rows for p in re.findall(r"`([^`]+)`", row)}
+
+    def expand(path: str) -> list[str]:  # configs/{data,model}/ -> configs/data/, configs/model/
+        m = re.search(r"\{([^}]*)\}", path)
+        return [path[:m.start()] + part + path[m.end():] for part in m.group(1).split(",")] if m else [path]
+
+    for path in (e for p in listed for e in expand(p)):
+        assert (ROOT / path.rstrip("/")).exists(), f"README layout lists {path}, which does not exist"
+    package = {f"contrastive/{p.name}" + ("/" if p.is_dir() else "") for p in (ROOT / "contrastive").iterdir()
+               if not p.name.startswith(("_", ".")) and (p.is_dir() or p.suffix == ".py")}
+    assert package <= listed, f"not in the README layout: {sorted(package - listed)}"
+    for setting in (ROOT / "datamodules").iterdir():
+        if setting.is_dir() and not setting.name.startswith("_"):
+            assert f"datamodules/{setting.name}/" in listed and f"configs/{setting.name}/" in listed
