@@ -7,8 +7,11 @@ encoder's own training step). Two levels:
 - ``module``: a tiny text dual encoder trained for a few steps on fixed synthetic token batches through
   Lightning (in-batch, extra negatives with a filter chain, GradCache, memory queue): every step's loss and
   the final test metrics. Independent of the corpus pipeline.
-- ``fit``: ``contrastive fit configs/codesearch/infonce.yaml`` (and two sampler/filter variants) on a tiny
-  stdlib corpus with every model and data setting pinned; the test metrics of ``results.json``.
+- ``fit``: ``contrastive fit configs/codesearch/infonce.yaml`` (and ``infonce_filtered`` with the refreshed
+  ``faiss_hard_filtered`` sampler under GradCache) on a tiny stdlib corpus with every model and data
+  setting pinned; the test metrics of ``results.json``. The fit depends on the corpus extraction and the
+  tokenizer of the code-search setting: a change there that is meant to alter the data needs a new
+  recording.
 
 Tolerances allow floating-point reduction order only. Record again (only when a change is meant to
 alter the numbers) with ``python -m tests.test_reproduce --record``.
@@ -38,6 +41,10 @@ FIT_VARIANTS: dict[str, tuple[str, list[str]]] = {
     "infonce": ("configs/codesearch/infonce.yaml", []),
     "faiss_hard_filtered_gradcache": ("configs/codesearch/infonce_filtered.yaml",
                                       ["sampler=faiss_hard_filtered", "model.cache_chunk_size=8"]),
+}
+#: recorded too (tests/data/reproduce_baseline.json) but not rerun by the suite, to keep it fast: the queue
+#: and momentum encoder are covered at module level ("queue_momentum" above)
+EXTRA_FIT_VARIANTS: dict[str, tuple[str, list[str]]] = {
     "queue_momentum": ("configs/codesearch/infonce.yaml", ["sampler=queue", "sampler.size=48",
                                                            "sampler.momentum=0.9"]),
 }
@@ -159,7 +166,7 @@ def _record() -> None:
     for v in MODULE_VARIANTS:
         out["module"][v] = _module_run(v)
         print(v, out["module"][v], flush=True)
-    for v, (config, extra) in FIT_VARIANTS.items():
+    for v, (config, extra) in {**FIT_VARIANTS, **EXTRA_FIT_VARIANTS}.items():
         with tempfile.TemporaryDirectory() as tmp:
             out["fit"][v] = _fit(config, extra, Path(tmp))
         print(v, out["fit"][v], flush=True)
