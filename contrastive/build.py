@@ -41,12 +41,25 @@ def build_datamodule(spec: dict, run_dir: Optional[Path] = None, seed: int = 0, 
     return build_component(DATAMODULES, spec, **filled)
 
 
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, str) or (isinstance(x, dict) and "name" in x)
+
+
 def build_loss(spec: dict | str) -> nn.Module:
-    return build_component(LOSSES, spec)
+    """The loss of ``spec``; the components of a ``weighted_sum`` may be loss specs themselves."""
+    name, kwargs = _kwargs(spec)
+    parts = kwargs.get("losses")
+    if isinstance(parts, dict):
+        kwargs["losses"] = {k: build_loss(v) if _is_spec(v) else v for k, v in parts.items()}
+    return build_component(LOSSES, {"name": name, **kwargs})
 
 
 def build_sampler(spec: dict | str | None) -> Any:
-    return build_component(SAMPLERS, spec or "in_batch")
+    """The sampler of ``spec`` (default ``in_batch``); its ``filters`` may be filter specs."""
+    name, kwargs = _kwargs(spec or "in_batch")
+    if kwargs.get("filters"):
+        kwargs["filters"] = [build_component(FILTERS, f) if _is_spec(f) else f for f in kwargs["filters"]]
+    return build_component(SAMPLERS, {"name": name, **kwargs})
 
 
 def build_filters(specs: Optional[list]) -> list:
@@ -75,11 +88,9 @@ def build_model(cfg: dict, vocab_size: Optional[int], loss: nn.Module, **objects
     filled = dict(lr=optim.get("lr"), weight_decay=optim.get("weight_decay"), warmup_steps=optim.get("warmup_steps"),
                   scheduler=optim.get("scheduler"), eval_chunk_size=ev.get("chunk_size"),
                   csn_distractors=ev.get("csn_distractors"), **objects)
-    from contrastive.samplers.queue import QueueSampler
-
     sampler = objects.get("sampler")
-    if isinstance(sampler, QueueSampler):  # sampler=queue: the queue lives in the model
-        filled.update(queue_size=sampler.queue_size, momentum=sampler.momentum)
+    if sampler is not None:  # e.g. sampler=queue: the queue lives in the model
+        filled.update(sampler.model_settings())
     params, _ = constructor_params(MODELS.get(name))
     for k, v in filled.items():
         if v is not None and k in params and k not in kwargs:

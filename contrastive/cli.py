@@ -278,9 +278,9 @@ def cmd_mine(args: argparse.Namespace) -> int:
     import torch
 
     from contrastive.callbacks import config_fingerprint
-    from contrastive.callbacks.refresh import datamodule_tokenize, refresh_or_load
+    from contrastive.callbacks.refresh import datamodule_rows, refresh_or_load
     from contrastive.callbacks.report import NegativeQualityReport
-    from contrastive.samplers.table import utc_now
+    from contrastive.samplers.table import CorpusSampler, utc_now
 
     config_path, run_dir = resolve_target(args.config)
     cfg = load_config(config_path, args.overrides)
@@ -291,13 +291,12 @@ def cmd_mine(args: argparse.Namespace) -> int:
     job = Job(cfg, run_dir)
     sampler = job.sampler
     name = (cfg.get("sampler") or {}).get("name", "in_batch") if isinstance(cfg.get("sampler"), dict) else cfg.get("sampler")
-    if not hasattr(sampler, "is_setup"):
+    if not isinstance(sampler, CorpusSampler):
         raise UserError(f"sampler '{name}' mines no negatives (in-batch / queue); choose sampler=bm25, random, "
                         "faiss_hard or ngame")
-    if not sampler.is_setup:  # a datamodule that does not set the sampler up itself
-        train = job.datamodule.records("train")
-        sampler.setup([r.query for r in train], [r.document for r in train], torch.tensor([r.id for r in train]),
-                      torch.tensor([r.dup_group for r in train]))
+    if not sampler.is_setup:
+        raise UserError(f"the datamodule '{(cfg.get('data') or {}).get('name')}' did not set the sampler up on its "
+                        "training rows (attach_sampler in its setup('fit'))")
     out = Path(args.out) if args.out else run_dir / "negatives" / "mined.npz"
     step, epoch, stats = 0, 0, {}
     if sampler.needs_model:
@@ -309,21 +308,19 @@ def cmd_mine(args: argparse.Namespace) -> int:
             print(f"Mining with {ckpt} (step {step})")
         else:
             print("Mining with the initial (untrained) weights: pass --ckpt or a run directory for a trained model")
-        if hasattr(sampler, "first_refresh_epoch"):  # NGAME: cluster at the curriculum size of that epoch
-            epoch = max(epoch, sampler.first_refresh_epoch)
+        epoch = max(epoch, sampler.first_refresh_epoch)  # NGAME: cluster at the curriculum size of that epoch
         sampler.set_epoch(epoch)
-        table, stats, _, _ = refresh_or_load(sampler, job.model, datamodule_tokenize(job.datamodule), step, None,
+        table, stats, _, _ = refresh_or_load(sampler, job.model, datamodule_rows(job.datamodule), step, None,
                                              config_fingerprint(cfg), progress=True, write=False)
-    elif getattr(sampler, "table", None) is not None:
-        table = sampler.table
+    elif sampler.mined_table() is not None:
+        table = sampler.mined_table()
         stats = dict(table.header.get("stats") or {})
-    elif callable(getattr(sampler, "mine_all", None)):
-        table = sampler.mine_all()
-        table.header.update({"sampler": {"name": name, "settings": sampler.settings()}, "checkpoint": None,
-                             "corpus": {"size": sampler.num_rows, "fingerprint": sampler.corpus_fingerprint()},
-                             "created": utc_now(), "stats": {}})
     else:
-        raise UserError(f"sampler '{name}' produced no table to write")
+        table = sampler.mine_all()
+        if table is not None:
+            table.header.update({"sampler": {"name": name, "settings": sampler.settings()}, "checkpoint": None,
+                                 "corpus": {"size": sampler.num_rows, "fingerprint": sampler.corpus_fingerprint()},
+                                 "created": utc_now(), "stats": {}})
     if table is None:
         raise UserError(f"sampler '{name}' produced no table to write")
     table.header.setdefault("key", None)

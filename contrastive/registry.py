@@ -16,7 +16,10 @@ Example::
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Generic, Iterator, TypeVar
+import importlib
+import inspect
+import typing
+from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -29,14 +32,61 @@ class RegistryError(KeyError):
 
 
 class Registry(Generic[T]):
-    """A named family of constructors (``losses``, ``samplers``, ``filters``, ...)."""
+    """A named family of constructors (``losses``, ``samplers``, ``filters``, ...).
 
-    def __init__(self, family: str) -> None:
+    Args:
+        family: the family's name (in error messages).
+        interface: ``"module:Class"`` every registration must produce: a subclass of it, or a factory
+            function whose return annotation is one. Resolved lazily (at the first registration).
+        builtins: modules whose import registers the family's built-in entries (imported at the first
+            lookup).
+    """
+
+    def __init__(self, family: str, interface: Optional[str] = None, builtins: tuple[str, ...] = ()) -> None:
         self.family = family
+        self.interface = interface
+        self.builtins = builtins
+        self._builtins_imported = False
         self._entries: dict[str, Callable[..., T]] = {}
+
+    def _import_builtins(self) -> None:
+        """Import the modules whose decorators fill this family (once, lazily): a loss lookup imports the
+        losses only, never the application (``datamodules``) or Lightning."""
+        if self._builtins_imported:
+            return
+        self._builtins_imported = True
+        for mod in self.builtins:
+            try:
+                importlib.import_module(mod)
+            except ModuleNotFoundError as e:  # an optional package that is not installed stays empty
+                if e.name != mod:
+                    raise
+
+    def _interface(self) -> Optional[type]:
+        if self.interface is None:
+            return None
+        module, _, attr = self.interface.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def check(self, name: str, obj: Callable[..., Any]) -> None:
+        """Raise ``TypeError`` unless ``obj`` builds the family's interface."""
+        base = self._interface()
+        if base is None:
+            return
+        made = obj
+        if not inspect.isclass(obj):
+            try:
+                made = typing.get_type_hints(obj).get("return")
+            except Exception:  # unresolvable annotations: treated as missing
+                made = None
+        if not (inspect.isclass(made) and issubclass(made, base)):
+            what = obj.__qualname__ if hasattr(obj, "__qualname__") else repr(obj)
+            raise TypeError(f"cannot register {what} as {self.family} {name!r}: a {self.family} must be a subclass of "
+                            f"{base.__module__}.{base.__qualname__} (or a factory annotated to return one)")
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         def deco(obj: Callable[..., T]) -> Callable[..., T]:
+            self.check(name, obj)
             if name in self._entries and self._entries[name] is not obj:
                 raise ValueError(f"{self.family}: name {name!r} is already registered to {self._entries[name]!r}")
             self._entries[name] = obj
@@ -45,7 +95,7 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> Callable[..., T]:
-        _import_builtins()
+        self._import_builtins()
         try:
             return self._entries[name]
         except KeyError:
@@ -59,51 +109,27 @@ class Registry(Generic[T]):
         return self.get(name)(**kwargs)
 
     def names(self) -> list[str]:
-        _import_builtins()
+        self._import_builtins()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        _import_builtins()
+        self._import_builtins()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
 
-_BUILTINS_IMPORTED = False
-
-
-def _import_builtins() -> None:
-    """Import the modules whose decorators fill the registries (once, lazily, to keep start-up cheap)."""
-    global _BUILTINS_IMPORTED
-    if _BUILTINS_IMPORTED:
-        return
-    _BUILTINS_IMPORTED = True
-    import importlib
-
-    for mod in (
-        "contrastive.losses",
-        "contrastive.models",
-        "contrastive.transforms",
-        "contrastive.encoders",
-        "contrastive.samplers",
-        "contrastive.filters",
-        "contrastive.index",
-        "datamodules",
-    ):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a family with no module yet simply stays empty
-            if e.name != mod:
-                raise
-
-
-LOSSES: Registry = Registry("loss")
-SAMPLERS: Registry = Registry("sampler")
-FILTERS: Registry = Registry("filter")
-ENCODERS: Registry = Registry("encoder")
-DATAMODULES: Registry = Registry("datamodule")
-INDEXES: Registry = Registry("index")
-TRANSFORMS: Registry = Registry("feature transform")
-MODELS: Registry = Registry("model")
-ESTIMATORS: Registry = Registry("similarity estimator")
+LOSSES: Registry = Registry("loss", "contrastive.losses.base:ContrastiveLoss", ("contrastive.losses",))
+SAMPLERS: Registry = Registry("sampler", "contrastive.samplers.base:NegativeSampler", ("contrastive.samplers",))
+FILTERS: Registry = Registry("filter", "contrastive.filters.base:NegativeFilter", ("contrastive.filters",))
+ENCODERS: Registry = Registry("encoder", "torch.nn:Module", ("contrastive.encoders",))
+DATAMODULES: Registry = Registry("datamodule", "lightning.pytorch:LightningDataModule", ("datamodules",))
+INDEXES: Registry = Registry("index", "contrastive.index.base:Index", ("contrastive.index",))
+TRANSFORMS: Registry = Registry("feature transform", "contrastive.transforms.feature:FeatureTransform",
+                                ("contrastive.transforms",))
+#: settings register their configurations of the module (code search: ``dual_encoder``) in ``datamodules``
+MODELS: Registry = Registry("model", "contrastive.models.contrastive:ContrastiveModule",
+                            ("contrastive.models", "datamodules"))
+ESTIMATORS: Registry = Registry("similarity estimator", "contrastive.losses.estimators:SimilarityEstimator",
+                                ("contrastive.models.estimates",))

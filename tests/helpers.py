@@ -7,7 +7,7 @@ import torch
 
 from contrastive.encoders import TransformerTextEncoder
 from contrastive.losses import InfoNCELoss
-from contrastive.models import DualEncoderModule
+from datamodules.codesearch.model import DualEncoderModule
 
 
 def tiny_model(symmetric: bool = False, vocab: int = 50, seed: int = 0, dtype=torch.float64, **kw) -> DualEncoderModule:

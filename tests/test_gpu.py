@@ -239,14 +239,12 @@ def test_dual_encoder_loss_and_gradients_on_device_equal_cpu(device, loss):
 def test_gradcache_dropout_replays_the_cuda_rng():
     """GradCache with dropout on CUDA: the replayed chunks draw the same CUDA dropout masks as the first,
     no-grad pass, so cached gradients equal those of the chunk-wise forward with a graph."""
-    from tests.test_gradcache import GROUPS, N, assert_same, cached_grads, dropout_model, plain_grads, with_negs
-    from contrastive.models.gradcache import chunk_slices
+    from tests.test_gradcache import (GROUPS, N, assert_same, cached_grads, chunkwise, dropout_model, plain_grads,
+                                      with_negs)
 
     batch = to(with_negs(tiny_batch(N, groups=GROUPS)), "cuda")
     ref_model = dropout_model(True).cuda()
-    for name in ("encode_queries", "encode_keys"):
-        orig = getattr(ref_model, name)
-        setattr(ref_model, name, lambda ids, m, f=orig: torch.cat([f(ids[s], m[s]) for s in chunk_slices(ids.shape[0], 4)]))
+    chunkwise(ref_model, 4)
     ref = plain_grads(ref_model, batch)
     cached = cached_grads(dropout_model(True, cache_chunk_size=4).cuda(), batch)
     assert_same(cached, ref, rtol=1e-9, atol=1e-11)

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from contrastive.encoders import TransformerTextEncoder
 from contrastive.losses import ContrastiveInputs, InfoNCELoss
-from contrastive.models import DualEncoderModule
+from datamodules.codesearch.model import DualEncoderModule
 from contrastive.models.gradcache import chunk_slices, chunked_inputs_loss_grads, encode_without_grad, replay_backward
 from contrastive.registry import LOSSES
 from tests.helpers import tiny_batch, tiny_model
@@ -38,6 +38,15 @@ def dropout_model(symmetric: bool = False, dtype=torch.float64, **kw) -> DualEnc
     torch.manual_seed(0)
     enc = TransformerTextEncoder(50, dim=16, num_layers=1, num_heads=2, ff_dim=32, max_length=16, dropout=0.2)
     return DualEncoderModule(enc, InfoNCELoss(temperature=0.1, symmetric=symmetric), projection_dim=8, **kw).to(dtype)
+
+
+def chunkwise(model: DualEncoderModule, chunk: int) -> None:
+    """Make the model's uncached step encode every side in chunks of ``chunk`` rows (as GradCache does)."""
+    for name in ("encode", "encode_keys"):
+        orig = getattr(model, name)
+        setattr(model, name, lambda inputs, *side, f=orig: torch.cat(
+            [f({k: v[s] for k, v in inputs.items()}, *side)
+             for s in chunk_slices(next(iter(inputs.values())).shape[0], chunk)]))
 
 
 def plain_grads(model: DualEncoderModule, batch: dict, seed: int = 123):
@@ -119,10 +128,7 @@ def test_dropout_replay_equals_chunkwise_full_batch(symmetric):
     chunk = 4
     batch = with_negs(tiny_batch(N, groups=GROUPS))
     ref_model = dropout_model(symmetric)
-    for name in ("encode_queries", "encode_keys"):
-        orig = getattr(ref_model, name)
-        setattr(ref_model, name, lambda ids, m, f=orig: torch.cat(
-            [f(ids[s], m[s]) for s in chunk_slices(ids.shape[0], chunk)]))
+    chunkwise(ref_model, chunk)
     ref = plain_grads(ref_model, batch)
     cached = cached_grads(dropout_model(symmetric, cache_chunk_size=chunk), batch)
     assert_same(cached, ref, rtol=1e-9, atol=1e-11)

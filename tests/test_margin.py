@@ -168,8 +168,11 @@ def test_slipform_is_weighted_sum_of_infonce_and_cement(dtype):
 def test_weighted_sum_from_specs_and_instances_symmetric():
     a, c = unit(5, 4), unit(5, 4, seed=1)
     r = torch.rand(5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ws = WeightedSumLoss({"nce": {"name": "infonce", "temperature": 0.1, "symmetric": True},
-                          "soft": LOSSES.build("soft_infonce", temperature=0.1)}, {"soft": 0.25})
+    from contrastive.build import build_loss
+
+    ws = build_loss({"name": "weighted_sum", "losses": {"nce": {"name": "infonce", "temperature": 0.1, "symmetric": True},
+                                                        "soft": LOSSES.build("soft_infonce", temperature=0.1)},
+                     "weights": {"soft": 0.25}})
     out = ws(a, c, similarity_estimate=r)
     expected = (InfoNCELoss(temperature=0.1, symmetric=True)(a, c).loss
                 + 0.25 * LOSSES.build("soft_infonce", temperature=0.1)(a, c, similarity_estimate=r).loss)
@@ -181,6 +184,6 @@ def test_weighted_sum_from_specs_and_instances_symmetric():
         WeightedSumLoss({"nce": InfoNCELoss()}, {"other": 1.0})
     with pytest.raises(ValueError, match=">= 0"):
         WeightedSumLoss({"nce": InfoNCELoss()}, {"nce": -1.0})
-    with pytest.raises(ValueError, match="mapping with a 'name'"):
-        WeightedSumLoss({"nce": {"temperature": 0.1}})
+    with pytest.raises(TypeError, match="must be a ContrastiveLoss"):
+        WeightedSumLoss({"nce": {"name": "infonce", "temperature": 0.1}})  # specs are built by build_loss
     assert isinstance(slipform(), WeightedSumLoss)

@@ -8,7 +8,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contrastive.registry import SAMPLERS
 from contrastive.samplers.mining import HardNegativeMiner, MinedNegatives, select_negatives
 
 NEG_INF = float("-inf")
@@ -223,11 +222,10 @@ def test_invalid_inputs():
         select_negatives(SCORES, IDS, [[100], [101]], num_negatives=1)
 
 
-def test_registered_miner_validates_at_construction_and_is_seeded():
+def test_miner_validates_at_construction_and_is_seeded():
     with pytest.raises(ValueError, match="range_max"):
-        SAMPLERS.build("hard_negative_miner", num_negatives=2, range_min=5, range_max=2)
-    miner = SAMPLERS.build("hard_negative_miner", num_negatives=2, sampling="random", seed=3)
-    assert isinstance(miner, HardNegativeMiner)
+        HardNegativeMiner(num_negatives=2, range_min=5, range_max=2)
+    miner = HardNegativeMiner(num_negatives=2, sampling="random", seed=3)
     a = miner(SCORES.repeat(8, 1), IDS.repeat(8, 1), [[100]] * 8)
     b = HardNegativeMiner(num_negatives=2, sampling="random", seed=3)(SCORES.repeat(8, 1), IDS.repeat(8, 1), [[100]] * 8)
     assert torch.equal(a.ids, b.ids)

@@ -33,7 +33,7 @@ def test_bm25_estimator_scores_identical_queries_highest():
     batch = tiny_batch(12, vocab=1000)  # rare tokens: positive idf (the paper's idf is negative for common ones)
     batch["query_ids"][1] = batch["query_ids"][0]
     batch["query_mask"][1] = batch["query_mask"][0]
-    r = BatchBM25Estimator().estimate(tiny_model(), batch)
+    r = BatchBM25Estimator().estimate_batch(tiny_model(), batch)
     assert r.shape == (12, 12)
     assert r[0, 1] == r[0, 0] and r[0, 1] > r[0, 2]
     assert token_strings(torch.tensor([[2, 5, 6, 0]]), torch.tensor([[True, True, True, False]])) == ["5 6"]
@@ -56,22 +56,22 @@ def test_cement_difficulty_is_the_detached_similarity():
 
 def test_mochi_synthetic_negatives_are_private_to_their_anchor():
     model = tiny_model(feature_transform=[MoCHi(n_hard=3, n_mix=2, n_query_mix=1)]).train()
-    problem_masks = {}
-    original = model._problem
+    seen = {}
+    original = model.assembler.assemble
 
     def spy(*args, **kwargs):
-        p = original(*args, **kwargs)
-        problem_masks["pos"], problem_masks["fn"] = p.masks(slice(0, 6))
-        problem_masks["n_synth"], problem_masks["owner"] = p.n_synth, p.synth_owner
-        return p
+        cs = original(*args, **kwargs)
+        seen["pos"], seen["fn"] = cs.masks(slice(0, 6))
+        seen["m"] = cs.cand.shape[0]
+        return cs
 
-    model._problem = spy
+    model.assembler.assemble = spy
     loss, _ = model.contrastive_step(tiny_batch(6))
     assert torch.isfinite(loss)
-    n = problem_masks["n_synth"]
-    assert n == 6 * 3
-    fn, pos = problem_masks["fn"][:, -n:], problem_masks["pos"][:, -n:]
-    owner = problem_masks["owner"]
+    n = 6 * 3
+    assert seen["m"] == 6 + n
+    fn, pos = seen["fn"][:, -n:], seen["pos"][:, -n:]
+    owner = torch.arange(6).repeat_interleave(3)
     assert not pos.any()
     assert torch.equal(fn, owner[None, :] != torch.arange(6)[:, None])
 

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from contrastive.encoders import TransformerTextEncoder
 from contrastive.losses import InfoNCELoss
-from contrastive.models import DualEncoderModule
+from datamodules.codesearch.model import DualEncoderModule
 from contrastive.models.queue import MemoryQueue
 from tests.helpers import DDPWrap as _Wrap, free_port as _free_port, tiny_batch, tiny_model
 
@@ -179,7 +179,7 @@ def test_momentum_keys_have_no_gradient_and_ema_update():
     assert all(not p.requires_grad for p in model.momentum_tower.parameters())
     assert not any(n.startswith("momentum_tower") for n, p in model.named_parameters() if p.requires_grad)
     batch = tiny_batch(8)
-    d = model.encode_keys(batch["doc_ids"], batch["doc_mask"])
+    d = model.encode_keys({"ids": batch["doc_ids"], "mask": batch["doc_mask"]})
     assert not d.requires_grad
     with torch.no_grad():
         for p in model.doc_tower.parameters():

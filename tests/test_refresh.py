@@ -1,5 +1,5 @@
 """Negative refresh during training: a real tiny ``lightning.Trainer`` fit with an in-memory datamodule
-wired with ``SamplerBatchSampler`` + ``NegativeCollate``; refresh epochs, cached tables (reuse on resume,
+wired with ``attach_sampler``; refresh epochs, cached tables (reuse on resume,
 re-mining on a new key), the quality report, ``build_callbacks`` and ``contrastive mine``."""
 from __future__ import annotations
 
@@ -20,11 +20,10 @@ from contrastive.samplers import (
     FaissHardNegativeSampler,
     InBatchSampler,
     MinedTable,
-    NegativeCollate,
     NGAMESampler,
     QueueSampler,
-    SamplerBatchSampler,
 )
+from contrastive.samplers.collate import TextRows, attach_sampler
 from tests.helpers import tiny_model
 
 N, BATCH, VOCAB = 32, 8, 50
@@ -58,8 +57,11 @@ class TinyDataModule(L.LightningDataModule):
         self.groups[1] = self.groups[0]  # one known duplicate pair
 
     def setup(self, stage=None):
-        if self.sampler is not None and not getattr(self.sampler, "is_setup", True):
-            self.sampler.setup(self.queries, self.docs, self.pair_ids, self.groups)
+        self.loader = attach_sampler(
+            self.sampler, list(range(self.n)), ids=self.pair_ids, groups=self.groups, base_collate=self.collate,
+            candidate_inputs=TextRows(self.docs, lambda texts: self.tokenizer.encode_batch(texts, self.max_doc_length)),
+            texts={"anchor": self.queries, "candidate": self.docs}, batch_size=self.batch_size,
+            setup=self.sampler is not None and not self.sampler.is_setup)
 
     def collate(self, rows):
         idx = torch.as_tensor(rows)
@@ -68,13 +70,13 @@ class TinyDataModule(L.LightningDataModule):
         return {"query_ids": q_ids, "query_mask": q_mask, "doc_ids": d_ids, "doc_mask": d_mask,
                 "pair_id": self.pair_ids[idx], "dup_group": self.groups[idx]}
 
+    def row_inputs(self, rows, side):
+        texts, length = (self.queries, self.max_query_length) if side == "anchor" else (self.docs, self.max_doc_length)
+        ids, mask = self.tokenizer.encode_batch([texts[i] for i in rows], length)
+        return {"ids": ids, "mask": mask}
+
     def train_dataloader(self):
-        collate = self.collate
-        if self.sampler is not None and self.sampler.num_negatives > 0:
-            collate = NegativeCollate(collate, self.sampler, self.docs, self.pair_ids, self.groups,
-                                      lambda texts: self.tokenizer.encode_batch(texts, self.max_doc_length))
-        batches = SamplerBatchSampler(self.sampler, self.n, self.batch_size, seed=0, drop_last=True)
-        return torch.utils.data.DataLoader(list(range(self.n)), batch_sampler=batches, collate_fn=collate)
+        return self.loader
 
 
 class Recorder(Callback):
@@ -173,7 +175,7 @@ def test_refresh_restores_training_mode_and_every_n_steps(tmp_path):
     trainer, model, rec = fit(tmp_path, sampler, cb, max_epochs=2, extra=(Mode(),))
     assert [h["step"] for h in cb.history] == [3, 6] and calls == [3, 6]  # 4 steps per epoch
     assert all(modes)
-    assert rec.batches[0]["negs"] == 0  # warmup="none": in-batch only before the first refresh
+    assert rec.batches[0]["negs"] is None  # warmup="none": in-batch only before the first refresh (no neg_ inputs)
     assert rec.batches[-1]["negs"] > 0
 
 
@@ -229,7 +231,7 @@ def test_build_callbacks_per_sampler(tmp_path):
                       NegativeRefreshCallback)
     dm = TinyDataModule()
     bm = BM25NegativeSampler(num_negatives=1)
-    bm.setup(dm.queries, dm.docs, dm.pair_ids, dm.groups)
+    bm.setup(dm.pair_ids, dm.groups, texts={"anchor": dm.queries, "candidate": dm.docs})
     (rep,) = build_callbacks({}, SimpleNamespace(sampler=bm, run_dir=tmp_path))
     assert isinstance(rep, NegativeReportCallback)
     assert build_callbacks({}, SimpleNamespace(sampler=InBatchSampler(), run_dir=tmp_path)) == []
@@ -309,24 +311,31 @@ def test_contrastive_mine_end_to_end(tmp_path, source_tree, sampler, monkeypatch
 
 
 # ---------------------------------------------------------------------------------------------- DDP encoding
+class _RowModel(torch.nn.Module):
+    """``encode(inputs, side)``: row number (and side) repeated into a 3-d embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def encode(self, inputs, side):
+        return inputs["x"].float().repeat(1, 3) * (1 if side == "anchor" else -1)
+
+
 def _sharded_worker(rank: int, port: int, out: str) -> None:
     import os
 
     import torch.distributed as dist
 
-    from contrastive.callbacks.refresh import sharded_encode
+    from contrastive.callbacks.refresh import ModelRowEncoder
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        texts = [f"t{i}" for i in range(7)]
-
-        def tokenize(ts, kind):
-            return torch.tensor([[int(t[1:])] for t in ts]), torch.ones(len(ts), 1, dtype=torch.bool)
-
-        emb = sharded_encode(lambda ids, mask: ids.float().repeat(1, 3), texts, tokenize, "query", 2, None, False)
-        torch.save(emb, f"{out}/{rank}.pt")
+        encode = ModelRowEncoder(_RowModel(), lambda rows, side: {"x": torch.tensor(rows).view(-1, 1)}, batch_size=2,
+                                 progress=False)
+        torch.save((encode(torch.arange(7), "anchor"), encode(torch.arange(7), "candidate")), f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -343,4 +352,5 @@ def test_sharded_encoding_gathers_rows_in_order(tmp_path):
     mp.start_processes(_sharded_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
     expected = torch.arange(7).float().view(-1, 1).repeat(1, 3)
     for rank in range(2):
-        assert torch.equal(torch.load(tmp_path / f"{rank}.pt"), expected)
+        anchors, candidates = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.equal(anchors, expected) and torch.equal(candidates, -expected)

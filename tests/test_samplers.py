@@ -22,6 +22,7 @@ from contrastive.samplers import (
     SamplerBatchSampler,
     balanced_clusters,
 )
+from contrastive.samplers.collate import TextRows
 from contrastive.samplers.table import TableFileError, model_fingerprint, table_key
 
 N = 24
@@ -41,7 +42,8 @@ def corpus(n: int = N, groups=None):
 
 
 def setup(sampler, n: int = N, groups=None):
-    sampler.setup(*corpus(n, groups))
+    q, d, ids, g = corpus(n, groups)
+    sampler.setup(ids, g, texts={"anchor": q, "candidate": d})
     return sampler
 
 
@@ -106,13 +108,13 @@ def test_random_pads_when_pool_too_small():
 
 def test_bad_corpus_errors_name_the_setting():
     with pytest.raises(ValueError, match="empty"):
-        RandomNegativeSampler(2).setup([], [], torch.zeros(0, dtype=torch.long))
+        RandomNegativeSampler(2).setup(torch.zeros(0, dtype=torch.long), texts={"anchor": [], "candidate": []})
     with pytest.raises(ValueError, match="num_negatives=30"):
         setup(RandomNegativeSampler(30))
     with pytest.raises(ValueError, match="num_negatives"):
         RandomNegativeSampler(0)
     with pytest.raises(ValueError, match="unique"):
-        RandomNegativeSampler(1).setup(["a", "b"], ["c", "d"], torch.tensor([1, 1]))
+        RandomNegativeSampler(1).setup(torch.tensor([1, 1]), texts={"anchor": ["a", "b"], "candidate": ["c", "d"]})
 
 
 # ---------------------------------------------------------------------------------------------- bm25
@@ -127,7 +129,7 @@ BM25_D = ["def sort_ascending(xs): return sorted(xs)", "def parse_json(text): re
 
 def test_bm25_mines_the_lexical_neighbour():
     s = BM25NegativeSampler(num_negatives=1, sampling="top", fill_random=False)
-    s.setup(BM25_Q, BM25_D, torch.arange(8), torch.arange(8))
+    s.setup(torch.arange(8), torch.arange(8), texts={"anchor": BM25_Q, "candidate": BM25_D})
     neg = s.sample(torch.arange(8))[:, 0].tolist()
     assert neg[0] == 5 and neg[5] == 0  # ascending <-> descending sort
     assert neg[2] in (7,) and neg[7] == 2  # the two file-reading functions
@@ -135,10 +137,11 @@ def test_bm25_mines_the_lexical_neighbour():
     assert s.table.header["sampler"]["name"] == "bm25"
 
 
-def test_bm25_top_k_runs_in_numpy_never_jax(monkeypatch):
-    """bm25s' default backend runs the top-k in JAX when JAX is installed, and JAX's first GPU op takes
-    75% of the GPU's memory (on a GPU machine every later torch CUDA allocation failed); the scorer must
-    pick the numpy backend."""
+def test_bm25_top_k_never_runs_in_jax(monkeypatch):
+    """bm25s' default ``retrieve`` backend runs the top-k in JAX when JAX is installed, and JAX's first GPU
+    op takes 75% of the GPU's memory (on a GPU machine every later torch CUDA allocation failed); the
+    sampler's BM25 (the library's BM25Retriever) scores with bm25s' numpy ``get_scores`` and takes the
+    top-k in torch, so ``retrieve`` is never called."""
     import bm25s
 
     calls = []
@@ -150,8 +153,8 @@ def test_bm25_top_k_runs_in_numpy_never_jax(monkeypatch):
 
     monkeypatch.setattr(bm25s.BM25, "retrieve", spy)
     s = BM25NegativeSampler(num_negatives=1, sampling="top", fill_random=False)
-    s.setup(BM25_Q, BM25_D, torch.arange(8), torch.arange(8))
-    assert calls and set(calls) == {"numpy"}
+    s.setup(torch.arange(8), torch.arange(8), texts={"anchor": BM25_Q, "candidate": BM25_D})
+    assert calls == [] and s.table is not None and (s.table.neg_rows >= 0).any()
 
 
 def test_bm25s_import_keeps_jax_off_the_gpu():
@@ -180,7 +183,7 @@ def test_bm25_excludes_duplicates_and_reports_them_before():
     groups = torch.arange(8)
     groups[5] = 0  # the descending sort is a known duplicate of the ascending one
     s = BM25NegativeSampler(num_negatives=1, sampling="top", fill_random=False)
-    s.setup(BM25_Q, BM25_D, torch.arange(8), groups)
+    s.setup(torch.arange(8), groups, texts={"anchor": BM25_Q, "candidate": BM25_D})
     assert s.sample(torch.tensor([0]))[0, 0] != 5
     assert s.table.extras["before_neg_rows"][0, 0] == 5  # mined before duplicate exclusion
     from contrastive.callbacks.report import negative_quality
@@ -193,10 +196,10 @@ def test_bm25_zero_score_candidates_replaced_by_random_fill():
     q = ["alpha beta", "gamma delta", "epsilon zeta", "eta theta"]
     d = ["alpha beta code", "gamma delta code", "epsilon zeta code", "eta theta code"]
     s = BM25NegativeSampler(num_negatives=2, fill_random=True)  # only 'code' is shared: tiny but positive scores
-    s.setup(q, d, torch.arange(4))
+    s.setup(torch.arange(4), texts={"anchor": q, "candidate": d})
     assert (s.sample(torch.arange(4)) >= 0).all()
     s2 = BM25NegativeSampler(num_negatives=2, fill_random=False)
-    s2.setup(["alpha", "beta", "gamma"], ["alpha", "beta", "gamma"], torch.arange(3))
+    s2.setup(torch.arange(3), texts={"anchor": ["alpha", "beta", "gamma"], "candidate": ["alpha", "beta", "gamma"]})
     assert (s2.sample(torch.arange(3)) == -1).all()  # no shared term: nothing mined, padded
     assert s2.last_stats["queries_short"] == 3
 
@@ -223,7 +226,7 @@ def expected_hard(q, d, k, range_min=0, exclude_dups=True):
 def test_faiss_hard_equals_exact_hard_negatives(range_min):
     q, d = fixed_embeddings()
     s = setup(FaissHardNegativeSampler(num_negatives=3, range_min=range_min, range_max=range_min + 3, sampling="top"))
-    stats = s.refresh(lambda t: q[: len(t)], lambda t: d[: len(t)], step=7)
+    stats = s.refresh(lambda t, side: (q[: len(t)]) if side == "anchor" else (d[: len(t)]), step=7)
     assert torch.equal(s.sample(torch.arange(N)), expected_hard(q, d, 3, range_min))
     assert stats["queries_short"] == 0
     assert torch.allclose(s.table.positive_scores, (q * d).sum(1))
@@ -236,7 +239,7 @@ def test_faiss_hard_flat_index_matches_exact():
     a = setup(FaissHardNegativeSampler(num_negatives=3, index_kind="flat"))
     b = setup(FaissHardNegativeSampler(num_negatives=3, index_kind="exact"))
     for s in (a, b):
-        s.refresh(lambda t: q, lambda t: d, step=0)
+        s.refresh(lambda t, side: (q) if side == "anchor" else (d), step=0)
     assert torch.equal(a.sample(torch.arange(N)), b.sample(torch.arange(N)))
 
 
@@ -253,13 +256,13 @@ def test_faiss_hard_filters_remove_duplicates_before_the_window():
     d[1] = q[0] * 3  # row 1 (a known duplicate of row 0) is query 0's top candidate
     s = setup(FaissHardNegativeSampler(num_negatives=2, sampling="top", exclude_duplicates=False,
                                        filters=[KnownDuplicatesFilter()]))
-    stats = s.refresh(lambda t: q, lambda t: d, step=0)
+    stats = s.refresh(lambda t, side: (q) if side == "anchor" else (d), step=0)
     assert torch.equal(s.sample(torch.arange(N)), expected_hard(q, d, 2))
     assert s.table.extras["before_neg_rows"][0, 0] == 1  # without the filter it would be mined
     assert stats["filter_removed/known_duplicates"] > 0
     # positive-aware filter: every mined negative scores at most 95% of the (positive) positive score
     s2 = setup(FaissHardNegativeSampler(num_negatives=2, range_max=20, filters=[PositiveAwareFilter(perc=0.95)]))
-    s2.refresh(lambda t: q, lambda t: d, step=0)
+    s2.refresh(lambda t, side: (q) if side == "anchor" else (d), step=0)
     t = s2.table
     ok = (t.neg_rows >= 0) & (t.positive_scores[:, None] > 0)
     assert (t.scores[ok] <= (0.95 * t.positive_scores[:, None].expand_as(t.scores))[ok] + 1e-6).all()
@@ -268,7 +271,7 @@ def test_faiss_hard_filters_remove_duplicates_before_the_window():
 def test_faiss_hard_margin_and_window_controls():
     q, d = fixed_embeddings()
     s = setup(FaissHardNegativeSampler(num_negatives=2, range_max=10, absolute_margin=0.5))
-    s.refresh(lambda t: q, lambda t: d, step=0)
+    s.refresh(lambda t, side: (q) if side == "anchor" else (d), step=0)
     t = s.table
     ok = t.neg_rows >= 0
     assert (t.scores[ok] <= (t.positive_scores[:, None] - 0.5).expand_as(t.scores)[ok] + 1e-6).all()
@@ -286,17 +289,17 @@ def test_faiss_hard_bad_windows_raise_naming_the_setting():
     q, d = fixed_embeddings()
     s = setup(FaissHardNegativeSampler(num_negatives=3, range_max=5, max_score=-1e9, strict=True))
     with pytest.raises(ValueError, match="strict=True.*num_negatives=3"):
-        s.refresh(lambda t: q, lambda t: d, step=0)
+        s.refresh(lambda t, side: (q) if side == "anchor" else (d), step=0)
     with pytest.raises(ValueError, match="index_kind"):
         FaissHardNegativeSampler(index_kind="annoy")
     with pytest.raises(ValueError, match="encoder returned shape"):
-        setup(FaissHardNegativeSampler(num_negatives=1)).refresh(lambda t: q[:3], lambda t: d, step=0)
+        setup(FaissHardNegativeSampler(num_negatives=1)).refresh(lambda t, side: (q[:3]) if side == "anchor" else (d), step=0)
 
 
 def test_faiss_hard_non_strict_window_pads():
     q, d = fixed_embeddings()
     s = setup(FaissHardNegativeSampler(num_negatives=3, range_min=0, range_max=2))
-    stats = s.refresh(lambda t: q, lambda t: d, step=0)
+    stats = s.refresh(lambda t, side: (q) if side == "anchor" else (d), step=0)
     neg = s.sample(torch.arange(N))
     assert (neg[:, 2] == -1).all() and (neg[:, :2] >= 0).all()
     assert stats["queries_short"] == N
@@ -337,7 +340,7 @@ def test_ngame_batches_are_cluster_partitions():
               n=n, groups=list(range(n)))
     assert s.batch_order(0, 8, torch.Generator()) is None  # random batches before the first refresh
     s.set_epoch(1)
-    stats = s.refresh(lambda t: x, lambda t: x, step=0)
+    stats = s.refresh(lambda t, side: (x) if side == "anchor" else (x), step=0)
     assert stats["cluster_size_nominal"] == 4 and stats["num_clusters"] == 8
     assert all(len(set(labels[c].tolist())) == 1 for c in s.clusters)  # clusters are the components
     batches = s.batch_order(1, 8, torch.Generator().manual_seed(0))
@@ -362,7 +365,7 @@ def test_ngame_packing_with_uneven_clusters(packing):
     s = setup(NGAMESampler(init_cluster_size=2, curriculum_epochs=[1], refresh_interval=1, packing=packing,
                            report_negatives=0), n=30, groups=list(range(30)))
     s.set_epoch(1)
-    s.refresh(lambda t: x, lambda t: x, step=0)
+    s.refresh(lambda t, side: (x) if side == "anchor" else (x), step=0)
     cluster_of = {i: ci for ci, c in enumerate(s.clusters) for i in c.tolist()}
     batches = s.batch_order(1, 7, torch.Generator().manual_seed(0))
     assert sorted(i for b in batches for i in b) == list(range(30))
@@ -423,7 +426,7 @@ def encode_docs(texts):
 
 def make_collate(sampler, **kw):
     q, d, ids, g = corpus()
-    return NegativeCollate(base_collate, sampler, d, ids, g, encode_docs, **kw)
+    return NegativeCollate(base_collate, sampler, ids, g, TextRows(d, encode_docs), **kw)
 
 
 def test_collate_adds_negative_keys_with_right_shapes():
@@ -446,8 +449,8 @@ def test_collate_maps_pair_ids_and_fixed_size():
     b = c([0, 5, 9])
     assert b["neg_ids"].shape[0] == 9
     # items without rows: rows recovered from pair_id
-    c2 = NegativeCollate(lambda items: {"pair_id": torch.tensor([it["id"] for it in items])}, s, corpus()[1],
-                         corpus()[2], corpus()[3], encode_docs)
+    c2 = NegativeCollate(lambda items: {"pair_id": torch.tensor([it["id"] for it in items])}, s, corpus()[2],
+                         corpus()[3], TextRows(corpus()[1], encode_docs))
     b2 = c2([{"id": 1004}, {"id": 1010}])
     assert torch.equal(b2["neg_row"][:3], s.sample(torch.tensor([4, 10])).view(-1)[:3])
     with pytest.raises(KeyError, match="not in the training corpus"):
@@ -457,7 +460,7 @@ def test_collate_maps_pair_ids_and_fixed_size():
 def test_collate_drops_padding_and_handles_no_negatives():
     s = setup(FaissHardNegativeSampler(num_negatives=2, warmup="none"))
     b = make_collate(s)([1, 2])
-    assert b["neg_ids"].shape == (0, 6) and b["neg_pair_id"].shape == (0,)
+    assert "neg_ids" not in b and b["neg_pair_id"].shape == (0,)
 
 
 # ---------------------------------------------------------------------------------------------- batch sampler
@@ -486,7 +489,7 @@ def test_batch_sampler_uses_ngame_order_and_validates():
     x, _ = mixture(4, 6)
     s = setup(NGAMESampler(init_cluster_size=4, curriculum_epochs=[1], refresh_interval=1, report_negatives=0))
     s.set_epoch(1)
-    s.refresh(lambda t: x, lambda t: x, 0)
+    s.refresh(lambda t, side: (x) if side == "anchor" else (x), 0)
     bs = SamplerBatchSampler(s, N, 8, seed=0)
     bs.set_epoch(1)
     assert list(bs) == s.batch_order(1, 8, bs.generator(1))
@@ -503,7 +506,7 @@ def test_batch_sampler_uses_ngame_order_and_validates():
 def test_table_roundtrip_and_errors(tmp_path):
     q, d = fixed_embeddings()
     s = setup(FaissHardNegativeSampler(num_negatives=2))
-    s.refresh(lambda t: q, lambda t: d, step=0)
+    s.refresh(lambda t, side: (q) if side == "anchor" else (d), step=0)
     t = s.table
     t.header["key"] = "abc"
     path = t.save(tmp_path / "t.npz")
@@ -551,6 +554,6 @@ def test_ngame_report_measures_duplicates_among_cluster_mates():
     s = setup(NGAMESampler(init_cluster_size=2, curriculum_epochs=[1], refresh_interval=1, report_negatives=3),
               n=32, groups=groups)
     s.set_epoch(1)
-    s.refresh(lambda t: x, lambda t: x, step=0)
+    s.refresh(lambda t, side: (x) if side == "anchor" else (x), step=0)
     qual = negative_quality(s.table)
     assert qual["before"]["dup_fraction"] > 0 and qual["after"]["dup_fraction"] == 0

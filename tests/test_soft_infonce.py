@@ -10,8 +10,8 @@ from torch import nn
 
 from contrastive.losses import InfoNCELoss, LossInputError, SoftInfoNCELoss
 from contrastive.losses import functional as F
-from contrastive.losses.estimators import (BM25Estimator, FrozenEncoderEstimator, FrozenModelEstimator,
-                                           bm25_score_matrix, simple_tokenize)
+from contrastive.baselines.bm25 import bm25_score_matrix, code_tokens
+from contrastive.losses.estimators import BM25Estimator, FrozenEncoderEstimator, FrozenModelEstimator
 from contrastive.registry import LOSSES
 
 DTYPES = [torch.float32, torch.float64]
@@ -206,7 +206,7 @@ def slow_bm25(query: list[str], docs: list[list[str]], k1: float, b: float, avgd
 def test_bm25_score_matrix_matches_slow_reference():
     texts = ["sort a list of numbers", "read a file line by line", "sort the file by date",
              "parse json from a file", "a a a list"]
-    toks = [simple_tokenize(t) for t in texts]
+    toks = [code_tokens(t) for t in texts]
     for avgdl in (None, 7.5):
         got = bm25_score_matrix(toks, toks, k1=1.2, b=0.75, avgdl=avgdl)
         mean_len = avgdl if avgdl is not None else sum(map(len, toks)) / len(toks)

@@ -1,4 +1,5 @@
-"""BM25 lexical baseline for code search, on the ``bm25s`` package (Lù 2024, arXiv:2407.03618).
+"""The library's BM25 and its code tokenizer: the lexical baseline for code search, BM25 hard negatives and
+in-batch BM25 similarity estimates; corpus search on the ``bm25s`` package (Lù 2024, arXiv:2407.03618).
 
 BM25 (Robertson & Zaragoza 2009, "The Probabilistic Relevance Framework: BM25 and Beyond") is the
 standard non-neural baseline in CodeSearchNet (Husain et al. 2019, arXiv:1909.09436, where ElasticSearch
@@ -6,9 +7,11 @@ BM25 is competitive on some languages). Three uses here:
 
 - a retrieval baseline reported with the same metrics as the neural models (:func:`bm25_baseline`);
 - BM25 hard negatives: lexically close but wrong documents (:meth:`BM25Retriever.search`);
+- BM25 hard negatives of the ``bm25`` sampler (:class:`contrastive.samplers.bm25.BM25NegativeSampler`);
 - a query-document (or query-query) similarity estimate for Soft-InfoNCE-style negative weighting
-  (Li et al. 2023, "Rethinking Negative Pairs in Code Search", arXiv:2310.08069) via
-  :meth:`BM25Retriever.score_matrix`.
+  (Li et al. 2023, "Rethinking Negative Pairs in Code Search", arXiv:2310.08069): within a batch with
+  the paper's idf variant and training-set ``avgdl`` (:func:`bm25_score_matrix`), or against a corpus
+  (:meth:`BM25Retriever.score_matrix`).
 
 Tokenisation matters more than the BM25 variant for code: ``getHttpResponse`` must match a query that
 says "http response". :func:`code_tokens` splits identifiers on camelCase and snake_case, lowercases,
@@ -82,6 +85,51 @@ def code_tokens(text: str) -> list[str]:
     return out
 
 
+def bm25_score_matrix(
+    query_tokens: Sequence[Sequence[str]],
+    doc_tokens: Sequence[Sequence[str]],
+    *,
+    k1: float = 1.2,
+    b: float = 0.75,
+    avgdl: Optional[float] = None,
+) -> Tensor:
+    """``(Q, D)`` float64 BM25 scores of every query against every document of a small collection, in the
+    form of the Soft-InfoNCE code (Robertson–Spärck-Jones idf with r = R = 0)::
+
+        score(q, d) = sum_{token occurrence t in q} idf(t) * (k1 + 1) f(t, d) / (K(d) + f(t, d))
+        idf(t)      = log( (N - n(t) + 0.5) / (n(t) + 0.5) )        (negative when n(t) > N / 2)
+        K(d)        = k1 * ((1 - b) + b * |d| / avgdl)
+
+    ``N`` = number of documents, ``n(t)`` = documents containing ``t``, ``f`` = term frequency. Each query
+    occurrence counts once (qf = 1, so the paper's ``(k2 + 1) qf / (k2 + qf)`` factor is 1 and a repeated
+    query token adds repeatedly). ``avgdl`` defaults to the collection's mean length; the paper uses the
+    mean over the whole training set (see :meth:`BM25Estimator.fit`).
+    """
+    n_docs = len(doc_tokens)
+    vocab: dict[str, int] = {}
+    for doc in doc_tokens:
+        for tok in doc:
+            vocab.setdefault(tok, len(vocab))
+    tf = torch.zeros(n_docs, len(vocab), dtype=torch.float64)
+    for j, doc in enumerate(doc_tokens):
+        for tok in doc:
+            tf[j, vocab[tok]] += 1.0
+    qc = torch.zeros(len(query_tokens), len(vocab), dtype=torch.float64)
+    for i, query in enumerate(query_tokens):
+        for tok in query:
+            if tok in vocab:  # a token absent from every document scores 0
+                qc[i, vocab[tok]] += 1.0
+    dl = tf.sum(dim=1, keepdim=True)
+    if avgdl is None:
+        avgdl = float(dl.mean()) if n_docs else 1.0
+    avgdl = avgdl if avgdl > 0 else 1.0
+    n_t = (tf > 0).sum(dim=0).to(torch.float64)
+    idf = torch.log((n_docs - n_t + 0.5) / (n_t + 0.5))
+    K = k1 * ((1.0 - b) + b * dl / avgdl)
+    saturated = (k1 + 1.0) * tf / (K + tf)
+    return qc @ (idf[None, :] * saturated).T
+
+
 def _topk_lower_id_first(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Row-wise top-``k`` of ``scores`` ``(q, N)``, ties broken by lower id (BM25 ties are common:
     every document sharing no term with the query scores 0)."""
@@ -149,6 +197,10 @@ class BM25Retriever:
                 raise ValueError(f"docs_subset_ids must lie in [0, {self.n_docs}); got [{int(sub.min())}, {int(sub.max())}]")
             mat = mat[:, sub]
         return mat
+
+    def pair_scores(self, queries: Sequence[str], doc_ids: Sequence[int]) -> Tensor:
+        """``(Q,)`` float32: the score of query ``i`` for document ``doc_ids[i]``."""
+        return torch.tensor([float(self._scores(q)[int(d)]) for q, d in zip(queries, doc_ids)], dtype=torch.float32)
 
     def search(self, queries: Sequence[str], k: int) -> tuple[Tensor, Tensor]:
         """Top-``k`` documents per query: ``scores`` ``(Q, k)`` float32 and ``ids`` ``(Q, k)`` long, best

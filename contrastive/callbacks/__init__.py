@@ -3,21 +3,21 @@
 ``build_callbacks(cfg, job)`` returns
 
 - a :class:`~contrastive.callbacks.refresh.NegativeRefreshCallback` when ``job.sampler.needs_model``
-  (``faiss_hard``, ``ngame``), scheduled by the sampler's ``refresh_every_n_epochs`` /
-  ``refresh_every_n_steps`` / ``refresh_start_epoch`` (or its own ``should_refresh``); it also writes the
-  quality report at every refresh;
+  (``faiss_hard``, ``ngame``), scheduled by the sampler's ``refresh_schedule`` (or its own
+  ``should_refresh``); it also writes the quality report at every refresh;
 - a :class:`~contrastive.callbacks.report.NegativeReportCallback` when the sampler holds a fixed mined
-  table (``bm25``), which reports it once at the start of training.
+  table (``bm25``: ``mined_table()``), which reports it once at the start of training.
 
 Optional ``callbacks.refresh`` keys in the experiment config: ``cache_dir``, ``batch_size``, ``report``,
 ``use_cache``, ``progress_bar``; ``callbacks.negative_report: false`` turns the reports off.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from contrastive.callbacks.refresh import NegativeRefreshCallback
 from contrastive.callbacks.report import NegativeQualityReport, NegativeReportCallback, negative_quality
+from contrastive.samplers.base import NegativeSampler
 
 __all__ = ["NegativeRefreshCallback", "NegativeReportCallback", "NegativeQualityReport", "negative_quality",
            "build_callbacks", "config_fingerprint"]
@@ -38,31 +38,32 @@ def config_fingerprint(cfg: dict) -> str:
 
 def build_callbacks(cfg: dict, job: Any) -> list:
     """Callbacks implied by the config (the sampler's refresh and report); empty for in-batch training."""
-    sampler = getattr(job, "sampler", None)
+    sampler: Optional[NegativeSampler] = job.sampler
     section = dict((cfg.get("callbacks") or {}))
     reports = bool(section.get("negative_report", True))
     out: list = []
     if sampler is None:
         return out
-    if getattr(sampler, "needs_model", False):
+    schedule = sampler.refresh_schedule
+    if sampler.needs_model and schedule is not None:
         opts = dict(section.get("refresh") or {})
         unknown = sorted(set(opts) - set(_REFRESH_KEYS))
         if unknown:
             raise ValueError(f"unknown key(s) callbacks.refresh.{', callbacks.refresh.'.join(unknown)}; valid keys: "
                              f"{', '.join(_REFRESH_KEYS)}")
         opts.setdefault("report", reports)
-        if getattr(job, "run_dir", None) is not None and "cache_dir" not in opts:
+        if job.run_dir is not None and "cache_dir" not in opts:
             opts["cache_dir"] = str(job.run_dir / "negatives")
         # the cache key must change with anything that changes the embeddings besides the weights
         out.append(NegativeRefreshCallback(
             sampler,
-            every_n_epochs=getattr(sampler, "refresh_every_n_epochs", 1),
-            every_n_steps=getattr(sampler, "refresh_every_n_steps", None),
-            start_epoch=getattr(sampler, "refresh_start_epoch", 1),
+            every_n_epochs=schedule.every_n_epochs,
+            every_n_steps=schedule.every_n_steps,
+            start_epoch=schedule.start_epoch,
             config_fingerprint=config_fingerprint(cfg),
             **opts,
         ))
-    elif reports and getattr(sampler, "table", None) is not None:
+    elif reports and sampler.mined_table() is not None:
         out.append(NegativeReportCallback(sampler, out_dir=str(job.run_dir / "negatives")
-                                          if getattr(job, "run_dir", None) is not None else None))
+                                          if job.run_dir is not None else None))
     return out

@@ -10,8 +10,8 @@ refresh period).
 When it refreshes
 -----------------
 - ``every_n_epochs``: at the start of epochs ``start_epoch, start_epoch + n, ...`` (``start_epoch=0``:
-  also before the first batch, with the initial weights). A sampler with a ``should_refresh(epoch)``
-  method (NGAME's curriculum) decides the epochs itself.
+  also before the first batch, with the initial weights). A sampler that overrides ``should_refresh(epoch)``
+  (NGAME's curriculum) decides the epochs itself.
 - ``every_n_steps``: after every ``n``-th optimiser step. With dataloader workers the new table reaches
   them at the next epoch (workers hold a copy of the sampler); with ``num_workers=0`` from the next batch
   but one (Lightning prefetches one batch).
@@ -33,14 +33,16 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from contrastive.callbacks.report import NegativeQualityReport, log_metrics
+from contrastive.samplers.base import NegativeSampler, SamplerData
 from contrastive.samplers.table import (
+    CorpusSampler,
     MinedTable,
     TableFileError,
     checkpoint_fingerprint,
@@ -50,56 +52,31 @@ from contrastive.samplers.table import (
 
 log = logging.getLogger(__name__)
 
-Tokenize = Callable[[Sequence[str], str], tuple[Tensor, Tensor]]
-KINDS = ("query", "document")
+RowInputs = Callable[[Sequence[int], str], Mapping[str, Tensor]]
+SIDES = ("anchor", "candidate")
 
 
 # ---------------------------------------------------------------------------------------------- encoding
-def _first_attr(obj: Any, names: Sequence[str]) -> Any:
-    for n in names:
-        v = getattr(obj, n, None)
-        if v is not None:
-            return v
-        hp = getattr(obj, "hparams", None)
-        if hp is not None and n in hp:
-            return hp[n]
-    return None
+def _to(inputs: Mapping[str, Tensor], device: Optional[torch.device]) -> dict[str, Tensor]:
+    return {k: torch.as_tensor(v).to(device) if device is not None else torch.as_tensor(v) for k, v in inputs.items()}
 
 
-def datamodule_tokenize(datamodule: Any) -> Tokenize:
-    """``tokenize(texts, kind) -> (ids, mask)`` from a datamodule's ``tokenizer.encode_batch(texts, max_length)``
-    and its ``max_query_length`` / ``max_doc_length``; ``kind`` is ``"query"`` or ``"document"``."""
-    tok = getattr(datamodule, "tokenizer", None)
-    if tok is None or not callable(getattr(tok, "encode_batch", None)):
-        raise ValueError(f"negative refresh: the datamodule {type(datamodule).__name__} has no tokenizer.encode_batch; "
-                         "pass tokenize=... to NegativeRefreshCallback")
-    lengths = {"query": _first_attr(datamodule, ("max_query_length", "max_query_len")),
-               "document": _first_attr(datamodule, ("max_doc_length", "max_document_length", "max_doc_len"))}
-
-    def tokenize(texts: Sequence[str], kind: str) -> tuple[Tensor, Tensor]:
-        ids, mask = tok.encode_batch(list(texts), lengths[kind])
-        return torch.as_tensor(ids), torch.as_tensor(mask)
-
-    return tokenize
-
-
-def encode_texts(fn: Callable[[Tensor, Tensor], Tensor], texts: Sequence[str], tokenize: Tokenize, kind: str,
-                 batch_size: int = 256, device: Optional[torch.device] = None, progress: bool = True) -> Tensor:
-    """Embed ``texts`` with ``fn(ids, mask)`` in batches, without gradient → ``(N, d)`` float32 on the CPU."""
+def encode_rows(model: Any, row_inputs: RowInputs, rows: Sequence[int], side: str, batch_size: int = 256,
+                device: Optional[torch.device] = None, progress: bool = True) -> Tensor:
+    """Embed training ``rows`` of ``side`` with ``model.encode(inputs, side)`` in batches, without
+    gradient → ``(R, d)`` float32 on the CPU."""
     from tqdm.auto import tqdm
 
+    rows = list(rows)
     out: list[Tensor] = []
-    with torch.no_grad(), tqdm(total=len(texts), desc=f"refresh: encoding {'queries' if kind == 'query' else kind + 's'}", disable=not progress,
+    with torch.no_grad(), tqdm(total=len(rows), desc=f"refresh: encoding {side}s", disable=not progress,
                                leave=False, dynamic_ncols=True) as bar:
-        for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start:start + batch_size])
-            ids, mask = tokenize(chunk, kind)
-            if device is not None:
-                ids, mask = ids.to(device), mask.to(device)
-            out.append(fn(ids, mask).detach().float().cpu())
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            out.append(model.encode(_to(row_inputs(chunk, side), device), side).detach().float().cpu())
             bar.update(len(chunk))
     if not out:
-        raise ValueError(f"negative refresh: no {kind} texts to encode (empty training corpus)")
+        raise ValueError(f"negative refresh: no {side} rows to encode (empty training corpus)")
     return torch.cat(out)
 
 
@@ -111,91 +88,90 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-def sharded_encode(fn: Callable[[Tensor, Tensor], Tensor], texts: Sequence[str], tokenize: Tokenize, kind: str,
-                   batch_size: int, device: Optional[torch.device], progress: bool) -> Tensor:
-    """:func:`encode_texts` with the rows split over ``torch.distributed`` ranks (rank ``r`` encodes rows
-    ``r, r + W, ...``) and all-gathered back into order; a single process encodes everything."""
-    world, rank = _world()
-    if world == 1:
-        return encode_texts(fn, texts, tokenize, kind, batch_size, device, progress)
-    from contrastive.distributed import gather_no_grad
+class ModelRowEncoder:
+    """``encode(rows, side) -> (R, d)`` over a :class:`~contrastive.models.contrastive.ContrastiveModule`'s
+    towers and a datamodule's :meth:`~contrastive.samplers.base.SamplerData.row_inputs`: the sampler-facing
+    encoder of :meth:`~contrastive.samplers.base.NegativeSampler.refresh`.
 
-    n = len(texts)
-    part = encode_texts(fn, [texts[i] for i in range(rank, n, world)], tokenize, kind, batch_size, device,
-                        progress and rank == 0) if rank < n else None
-    dim = torch.tensor([part.shape[1] if part is not None else 0], device=device)
-    import torch.distributed as dist
-
-    dist.all_reduce(dim, op=dist.ReduceOp.MAX)
-    if part is None:
-        part = torch.zeros(0, int(dim.item()))
-    gathered = gather_no_grad(part.to(device) if device is not None else part).cpu()
-    out = torch.empty(n, gathered.shape[1])
-    offset = 0
-    for r in range(world):
-        rows = torch.arange(r, n, world)
-        out[rows] = gathered[offset:offset + rows.numel()]
-        offset += rows.numel()
-    return out
-
-
-class ModelEncoders:
-    """``encode_queries(texts)`` / ``encode_documents(texts)`` callables over a model's towers.
-
-    The model is put in eval mode for the duration of a :meth:`session` (and restored), encoding runs
-    without gradient on the model's device, sharded over ranks under DDP.
+    The model is put in eval mode for the duration of :meth:`run` (and restored); encoding runs without
+    gradient on the model's device, with the rows split over ``torch.distributed`` ranks (rank ``r``
+    encodes rows ``r, r + W, ...``) and all-gathered back into order.
 
     Args:
-        model: exposes ``encode_queries(ids, mask)`` and ``encode_documents(ids, mask)`` (``(B, L)`` → ``(B, d)``).
-        tokenize: ``(texts, kind) -> (ids, mask)``.
-        batch_size: texts per forward pass.
+        model: exposes ``encode(inputs, side)``.
+        row_inputs: ``(rows, side) -> tower inputs``.
+        batch_size: rows per forward pass.
         progress: show tqdm progress bars.
     """
 
-    def __init__(self, model: Any, tokenize: Tokenize, batch_size: int = 256, progress: bool = True) -> None:
-        for name in ("encode_queries", "encode_documents"):
-            if not callable(getattr(model, name, None)):
-                raise TypeError(f"negative refresh needs a model with {name}(ids, mask); {type(model).__name__} has none")
-        self.model, self.tokenize, self.batch_size, self.progress = model, tokenize, int(batch_size), progress
+    def __init__(self, model: Any, row_inputs: RowInputs, batch_size: int = 256, progress: bool = True) -> None:
+        self.model, self.row_inputs, self.batch_size, self.progress = model, row_inputs, int(batch_size), progress
 
     def _device(self) -> Optional[torch.device]:
-        dev = getattr(self.model, "device", None)
-        if dev is None:
-            p = next(iter(self.model.parameters()), None)
-            dev = p.device if p is not None else None
-        return dev
+        p = next(iter(self.model.parameters()), None)
+        return p.device if p is not None else None
 
-    def encode_queries(self, texts: Sequence[str]) -> Tensor:
-        return sharded_encode(self.model.encode_queries, texts, self.tokenize, "query", self.batch_size,
-                              self._device(), self.progress)
+    def __call__(self, rows: Tensor, side: str) -> Tensor:
+        if side not in SIDES:
+            raise ValueError(f"side must be 'anchor' or 'candidate'; got {side!r}")
+        rows_l = torch.as_tensor(rows).long().view(-1).tolist()
+        world, rank = _world()
+        device = self._device()
+        if world == 1:
+            return encode_rows(self.model, self.row_inputs, rows_l, side, self.batch_size, device, self.progress)
+        import torch.distributed as dist
 
-    def encode_documents(self, texts: Sequence[str]) -> Tensor:
-        return sharded_encode(self.model.encode_documents, texts, self.tokenize, "document", self.batch_size,
-                              self._device(), self.progress)
+        from contrastive.distributed import gather_no_grad
+
+        n = len(rows_l)
+        mine = rows_l[rank::world]
+        part = encode_rows(self.model, self.row_inputs, mine, side, self.batch_size, device,
+                           self.progress and rank == 0) if mine else None
+        dim = torch.tensor([part.shape[1] if part is not None else 0], device=device)
+        dist.all_reduce(dim, op=dist.ReduceOp.MAX)
+        if part is None:
+            part = torch.zeros(0, int(dim.item()))
+        gathered = gather_no_grad(part.to(device) if device is not None else part).cpu()
+        out = torch.empty(n, gathered.shape[1])
+        offset = 0
+        for r in range(world):
+            idx = torch.arange(r, n, world)
+            out[idx] = gathered[offset:offset + idx.numel()]
+            offset += idx.numel()
+        return out
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Call ``fn(encode_queries, encode_documents, *args)`` with the model in eval mode, restoring it."""
-        was_training = bool(getattr(self.model, "training", False))
+        """Call ``fn(self, *args)`` with the model in eval mode, restoring it."""
+        was_training = bool(self.model.training)
         self.model.eval()
         try:
             with torch.no_grad():
-                return fn(self.encode_queries, self.encode_documents, *args)
+                return fn(self, *args)
         finally:
             self.model.train(was_training)
 
 
+def datamodule_rows(datamodule: Any) -> RowInputs:
+    """The datamodule's ``row_inputs`` (see :class:`~contrastive.samplers.base.SamplerData`)."""
+    if not isinstance(datamodule, SamplerData):
+        raise TypeError(f"negative refresh: the datamodule {type(datamodule).__name__} does not implement "
+                        "row_inputs(rows, side) (contrastive.samplers.base.SamplerData); pass row_inputs=... to "
+                        "NegativeRefreshCallback")
+    return datamodule.row_inputs
+
+
 # ---------------------------------------------------------------------------------------------- mining
-def sampler_config_fingerprint(sampler: Any, config_fingerprint: str = "") -> str:
+def sampler_config_fingerprint(sampler: NegativeSampler, config_fingerprint: str = "") -> str:
     """Fingerprint of what a refresh mines, apart from the weights: sampler class, settings and context,
     the training corpus and the caller's config fingerprint (tokenisation, model config)."""
-    settings = sampler.settings() if callable(getattr(sampler, "settings", None)) else {}
-    context = sampler.cache_context() if callable(getattr(sampler, "cache_context", None)) else {}
-    corpus = sampler.corpus_fingerprint() if callable(getattr(sampler, "corpus_fingerprint", None)) else None
+    settings, context, corpus = {}, {}, None
+    if isinstance(sampler, CorpusSampler):
+        settings, context, corpus = sampler.settings(), sampler.cache_context(), sampler.corpus_fingerprint()
     return fingerprint({"sampler": type(sampler).__name__, "settings": settings, "context": context, "corpus": corpus,
                         "config": config_fingerprint})
 
 
-def refresh_or_load(sampler: Any, model: Any, tokenize: Tokenize, step: int, cache_dir: Optional[Path],
+def refresh_or_load(sampler: NegativeSampler, model: Any, row_inputs: RowInputs, step: int, cache_dir: Optional[Path],
                     config_fingerprint: str = "", batch_size: int = 256, progress: bool = True,
                     write: bool = True) -> tuple[Optional[MinedTable], dict[str, float], str, str]:
     """One refresh: load ``<cache_dir>/table-<key>.npz`` when it exists, else ``sampler.refresh`` with the
@@ -221,9 +197,9 @@ def refresh_or_load(sampler: Any, model: Any, tokenize: Tokenize, step: int, cac
             return table, stats, key, "cache"
         except (TableFileError, ValueError) as e:
             log.warning("negative refresh: ignoring unusable cached table %s (%s); re-mining", path, e)
-    encoders = ModelEncoders(model, tokenize, batch_size=batch_size, progress=progress)
-    stats = encoders.run(sampler.refresh, int(step))
-    table = getattr(sampler, "table", None)
+    encoder = ModelRowEncoder(model, row_inputs, batch_size=batch_size, progress=progress)
+    stats = encoder.run(sampler.refresh, int(step))
+    table = sampler.mined_table()
     if table is not None:
         table.header.update(key=key, config_fingerprint=cfg_fp, checkpoint=ckpt_fp, stats=stats)
         if path is not None and write:
@@ -236,10 +212,9 @@ class NegativeRefreshCallback(Callback):
 
     Args:
         sampler: the sampler (set up by the datamodule) whose ``refresh`` is called.
-        tokenize: ``(texts, kind) -> (ids, mask)``; ``None`` = from the trainer's datamodule
-            (:func:`datamodule_tokenize`).
+        row_inputs: ``(rows, side) -> tower inputs``; ``None`` = the trainer's datamodule's ``row_inputs``.
         every_n_epochs: refresh at the start of every n-th epoch from ``start_epoch`` (``None`` = never by
-            epoch). Ignored when the sampler has ``should_refresh(epoch)``.
+            epoch). Ignored when the sampler overrides ``should_refresh(epoch)`` (NGAME's curriculum).
         every_n_steps: refresh after every n-th optimiser step (``None`` = never by step).
         start_epoch: first epoch refreshed (0 = before training, with the initial weights).
         cache_dir: where tables are cached and reports written; ``None`` = ``<trainer.log_dir>/negatives``.
@@ -253,8 +228,8 @@ class NegativeRefreshCallback(Callback):
 
     def __init__(
         self,
-        sampler: Any,
-        tokenize: Optional[Tokenize] = None,
+        sampler: NegativeSampler,
+        row_inputs: Optional[RowInputs] = None,
         every_n_epochs: Optional[int] = 1,
         every_n_steps: Optional[int] = None,
         start_epoch: int = 1,
@@ -268,14 +243,15 @@ class NegativeRefreshCallback(Callback):
         for setting, v in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"NegativeRefreshCallback: {setting} must be a positive integer or None; got {v!r}")
-        has_schedule = callable(getattr(sampler, "should_refresh", None))
+        has_schedule = type(sampler).should_refresh is not NegativeSampler.should_refresh
         if every_n_epochs is None and every_n_steps is None and not has_schedule:
             raise ValueError("NegativeRefreshCallback: set every_n_epochs or every_n_steps (both are None)")
         if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
             raise ValueError(f"NegativeRefreshCallback: start_epoch must be an integer >= 0; got {start_epoch!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"NegativeRefreshCallback: batch_size must be a positive integer; got {batch_size!r}")
-        self.sampler, self.tokenize = sampler, tokenize
+        self.sampler, self.row_inputs = sampler, row_inputs
+        self._own_schedule = has_schedule
         self.every_n_epochs, self.every_n_steps, self.start_epoch = every_n_epochs, every_n_steps, start_epoch
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.batch_size, self.config_fingerprint = batch_size, config_fingerprint
@@ -292,17 +268,16 @@ class NegativeRefreshCallback(Callback):
     # -- schedule -----------------------------------------------------------------------------------
     def due_at_epoch(self, epoch: int) -> bool:
         """Whether a refresh is due at the start of ``epoch``."""
-        should = getattr(self.sampler, "should_refresh", None)
-        if callable(should):
-            return bool(should(epoch))
+        if self._own_schedule:
+            return bool(self.sampler.should_refresh(epoch))
         if self.every_n_epochs is None:
             return False
         return epoch >= self.start_epoch and (epoch - self.start_epoch) % self.every_n_epochs == 0
 
     # -- hooks --------------------------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self.tokenize is None:
-            self.tokenize = datamodule_tokenize(trainer.datamodule)
+        if self.row_inputs is None:
+            self.row_inputs = datamodule_rows(trainer.datamodule)
         if self.cache_dir is None:
             self.cache_dir = Path(trainer.log_dir or trainer.default_root_dir) / "negatives"
 
@@ -310,7 +285,7 @@ class NegativeRefreshCallback(Callback):
         if self._resume_key is not None:
             path = self.cache_dir / f"table-{self._resume_key}.npz"
             try:
-                if callable(getattr(self.sampler, "set_epoch", None)) and self.last_epoch is not None:
+                if self.last_epoch is not None:
                     self.sampler.set_epoch(self.last_epoch)
                 self.sampler.set_table(MinedTable.load(path, expected_key=self._resume_key,
                                                        expected_rows=self.sampler.num_rows))
@@ -355,7 +330,7 @@ class NegativeRefreshCallback(Callback):
         self._checked_loader = True
         loader = getattr(trainer, "train_dataloader", None)
         workers = int(getattr(loader, "num_workers", 0) or 0)
-        if workers and getattr(loader, "persistent_workers", False) and getattr(self.sampler, "num_negatives", 0) > 0:
+        if workers and getattr(loader, "persistent_workers", False) and self.sampler.num_negatives > 0:
             raise RuntimeError(
                 "negative refresh: the training dataloader uses persistent_workers=True with "
                 f"num_workers={workers}; its workers keep the negatives they started with, so refreshed negatives "
@@ -367,14 +342,13 @@ class NegativeRefreshCallback(Callback):
 
     def refresh(self, trainer: Any, pl_module: Any, reason: str = "manual") -> dict[str, float]:
         """Refresh now (or reload the cached table for these weights); log and report. Returns the metrics."""
-        if self.tokenize is None or self.cache_dir is None:
+        if self.row_inputs is None or self.cache_dir is None:
             self.setup(trainer, pl_module, "fit")
         epoch, step = int(trainer.current_epoch), int(trainer.global_step)
-        if callable(getattr(self.sampler, "set_epoch", None)):
-            self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         table, stats, key, source = refresh_or_load(
-            self.sampler, pl_module, self.tokenize, step, self.cache_dir if self.use_cache else None,
+            self.sampler, pl_module, self.row_inputs, step, self.cache_dir if self.use_cache else None,
             self.config_fingerprint, self.batch_size, self.progress_bar and trainer.is_global_zero,
             write=trainer.is_global_zero,
         )

@@ -204,7 +204,7 @@ class NegativeReportCallback(Callback):
         self.metrics: dict[str, float] = {}
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        table = getattr(self.sampler, "table", None)
+        table = self.sampler.mined_table()
         if table is None or not trainer.is_global_zero:
             return
         out = Path(self.out_dir) if self.out_dir else Path(trainer.log_dir or trainer.default_root_dir) / "negatives"

@@ -94,6 +94,11 @@ def _check_dataclass(value: Any, key: str, schema: type, prov: Provenance) -> No
 
 
 def constructor_params(obj: Callable) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
+    """The keyword parameters a config section may set, with their type hints.
+
+    A parameter typed with a settings dataclass (``mining: Optional[MiningSettings]``) of a constructor
+    that also takes ``**kwargs`` is given flattened: the dataclass's fields are the section's keys (the
+    constructor builds the dataclass from them)."""
     target = obj.__init__ if inspect.isclass(obj) else obj
     sig = inspect.signature(target)
     params = {n: p for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
@@ -101,6 +106,16 @@ def constructor_params(obj: Callable) -> tuple[dict[str, inspect.Parameter], dic
         hints = typing.get_type_hints(target)
     except Exception:
         hints = {}
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        for name in list(params):
+            schema = next((a for a in (hints.get(name), *get_args(hints.get(name))) if dataclasses.is_dataclass(a)), None)
+            if schema is None:
+                continue
+            del params[name]
+            field_hints = typing.get_type_hints(schema)
+            for f in dataclasses.fields(schema):
+                params[f.name] = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+                hints[f.name] = field_hints[f.name]
     return params, hints
 
 

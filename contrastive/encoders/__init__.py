@@ -1,4 +1,4 @@
 """Encoders (registered in :data:`contrastive.registry.ENCODERS`) and tokenizers."""
-from contrastive.encoders.transformer import HFTextEncoder, TransformerTextEncoder, masked_mean
+from contrastive.encoders.transformer import HFTextEncoder, TransformerTextEncoder, masked_mean, text_inputs
 
-__all__ = ["HFTextEncoder", "TransformerTextEncoder", "masked_mean"]
+__all__ = ["HFTextEncoder", "TransformerTextEncoder", "masked_mean", "text_inputs"]

@@ -3,12 +3,21 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from contrastive.registry import ENCODERS
+
+
+def text_inputs(inputs: Union[Mapping[str, Tensor], Tensor], mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``(ids (B, L), mask (B, L))`` from the tower inputs ``{"ids", "mask"}`` (or ``ids, mask`` given apart)."""
+    if mask is not None:
+        return inputs, mask  # type: ignore[return-value]
+    if not isinstance(inputs, Mapping) or "ids" not in inputs or "mask" not in inputs:
+        raise TypeError("a text tower takes {'ids': (B, L) long, 'mask': (B, L) bool} (or ids, mask)")
+    return inputs["ids"], inputs["mask"]
 
 
 def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
@@ -55,7 +64,9 @@ class TransformerTextEncoder(nn.Module):
     def output_dim(self) -> int:
         return self.dim
 
-    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, inputs: Union[Mapping[str, Tensor], Tensor], mask: Optional[Tensor] = None) -> Tensor:
+        """``{"ids": (B, L), "mask": (B, L)}`` (or ``ids, mask``) → ``(B, dim)``."""
+        ids, mask = text_inputs(inputs, mask)
         if ids.shape[1] > self.max_length:
             raise ValueError(f"input length {ids.shape[1]} exceeds the encoder's max_length {self.max_length}")
         pos = torch.arange(ids.shape[1], device=ids.device)
@@ -91,6 +102,8 @@ class HFTextEncoder(nn.Module):
     def output_dim(self) -> int:
         return int(self.model.config.hidden_size)
 
-    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, inputs: Union[Mapping[str, Tensor], Tensor], mask: Optional[Tensor] = None) -> Tensor:
+        """``{"ids": (B, L), "mask": (B, L)}`` (or ``ids, mask``) → ``(B, hidden)``."""
+        ids, mask = text_inputs(inputs, mask)
         h = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         return h[:, 0] if self.pooling == "cls" else masked_mean(h, mask)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -25,13 +25,12 @@ class WeightedSumLoss(ContrastiveLoss):
     logs) and, unprefixed, ``acc``/``pos_sim``/``neg_sim``/``skipped`` of the first component.
 
     Args:
-        losses: name → a :class:`ContrastiveLoss`, or a spec ``{"name": <registered loss>, **kwargs}``
-            built with :data:`~contrastive.registry.LOSSES` (so YAML can nest them). Order is kept.
+        losses: name → a :class:`ContrastiveLoss` (YAML specs ``{"name": <registered loss>, **kwargs}`` are
+            built by :func:`contrastive.build.build_loss`). Order is kept.
         weights: name → λ_k >= 0; missing names get 1.0.
     """
 
-    def __init__(self, losses: Mapping[str, ContrastiveLoss | Mapping[str, Any]],
-                 weights: Optional[Mapping[str, float]] = None) -> None:
+    def __init__(self, losses: Mapping[str, ContrastiveLoss], weights: Optional[Mapping[str, float]] = None) -> None:
         super().__init__(symmetric=False)
         if not losses:
             raise ValueError("weighted_sum needs at least one loss")
@@ -40,14 +39,11 @@ class WeightedSumLoss(ContrastiveLoss):
         if unknown:
             raise ValueError(f"weights for unknown losses {sorted(unknown)}; losses are {list(losses)}")
         built: dict[str, ContrastiveLoss] = {}
-        for name, spec in losses.items():
-            if isinstance(spec, ContrastiveLoss):
-                built[name] = spec
-            elif isinstance(spec, Mapping) and "name" in spec:
-                kwargs = {k: v for k, v in spec.items() if k != "name"}
-                built[name] = LOSSES.build(spec["name"], **kwargs)
-            else:
-                raise ValueError(f"loss {name!r} must be a ContrastiveLoss or a mapping with a 'name'; got {spec!r}")
+        for name, loss in losses.items():
+            if not isinstance(loss, ContrastiveLoss):
+                raise TypeError(f"loss {name!r} must be a ContrastiveLoss (build YAML specs with "
+                                f"contrastive.build.build_loss); got {type(loss).__name__}")
+            built[name] = loss
         for name in built:
             w = float(weights.get(name, 1.0))
             if w < 0:

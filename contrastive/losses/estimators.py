@@ -2,14 +2,18 @@
 ``(B, M)`` estimate ``r_ij`` of how related anchor ``i`` and candidate ``j`` are, from outside the model
 being trained.
 
-Every estimator is a plain class (not an ``nn.Module``, so it is neither trained nor saved with the model)
-with one call::
+One hierarchy: every estimator is a :class:`SimilarityEstimator` (a plain class, not an ``nn.Module``, so
+it is neither trained nor saved with the model) with two calls::
 
-    estimator.estimate(anchors, candidates=None) -> Tensor (B, M)
+    estimator.estimate(anchors, candidates=None) -> Tensor (B, M)            # on raw inputs
+    estimator.estimate_batch(module, batch) -> Tensor (B, M_batch + M_extra)  # in a training step
 
-where ``anchors`` / ``candidates`` are whatever the estimator reads (texts for BM25, model inputs for the
+``anchors`` / ``candidates`` are whatever the estimator reads (texts for BM25, model inputs for the
 encoders) and ``candidates=None`` means "the anchors themselves" (query-to-query similarity, as in the
-paper's BM25 and SimCSE estimators). The result goes to the loss as ``similarity_estimate=``.
+paper's BM25 and SimCSE estimators). ``estimate_batch`` is what
+:class:`~contrastive.models.contrastive.ContrastiveModule` calls with its
+:class:`~contrastive.models.batch.ContrastiveBatch` (the registered, config-selectable estimators of
+:mod:`contrastive.models.estimates` implement it); the result goes to the loss as ``similarity_estimate=``.
 
 - :class:`BM25Estimator`: lexical BM25 of query ``i`` against the text standing for candidate ``j``.
 - :class:`FrozenEncoderEstimator`: cosine (or dot) similarity from any frozen encoder (SimCSE-like).
@@ -19,79 +23,43 @@ paper's BM25 and SimCSE estimators). The result goes to the loss as ``similarity
 from __future__ import annotations
 
 import copy
-import re
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BM25Estimator", "FrozenEncoderEstimator", "FrozenModelEstimator", "bm25_score_matrix", "simple_tokenize"]
+from contrastive.baselines.bm25 import bm25_score_matrix, code_tokens
 
-_WORD = re.compile(r"\w+")
-
-
-def simple_tokenize(text: str) -> list[str]:
-    """Lower-cased ``\\w+`` runs: the default BM25 tokenizer (pass a subword or code tokenizer instead to
-    follow the paper, which used the training model's tokenizer without its special tokens)."""
-    return _WORD.findall(text.lower())
+__all__ = ["BM25Estimator", "FrozenEncoderEstimator", "FrozenModelEstimator", "SimilarityEstimator"]
 
 
-def bm25_score_matrix(
-    query_tokens: Sequence[Sequence[str]],
-    doc_tokens: Sequence[Sequence[str]],
-    *,
-    k1: float = 1.2,
-    b: float = 0.75,
-    avgdl: Optional[float] = None,
-) -> Tensor:
-    """``(Q, D)`` float64 BM25 scores of every query against every document of a small collection, in the
-    form of the Soft-InfoNCE code (Robertson–Spärck-Jones idf with r = R = 0)::
+class SimilarityEstimator:
+    """Base of every similarity estimator (see the module docstring)."""
 
-        score(q, d) = sum_{token occurrence t in q} idf(t) * (k1 + 1) f(t, d) / (K(d) + f(t, d))
-        idf(t)      = log( (N - n(t) + 0.5) / (n(t) + 0.5) )        (negative when n(t) > N / 2)
-        K(d)        = k1 * ((1 - b) + b * |d| / avgdl)
+    def estimate(self, anchors: Any, candidates: Any = None) -> Tensor:
+        """``(B, M)`` estimates from raw inputs; ``candidates=None``: the anchors themselves."""
+        raise NotImplementedError(f"{type(self).__name__} does not estimate from raw inputs")
 
-    ``N`` = number of documents, ``n(t)`` = documents containing ``t``, ``f`` = term frequency. Each query
-    occurrence counts once (qf = 1, so the paper's ``(k2 + 1) qf / (k2 + qf)`` factor is 1 and a repeated
-    query token adds repeatedly). ``avgdl`` defaults to the collection's mean length; the paper uses the
-    mean over the whole training set (see :meth:`BM25Estimator.fit`).
-    """
-    n_docs = len(doc_tokens)
-    vocab: dict[str, int] = {}
-    for doc in doc_tokens:
-        for tok in doc:
-            vocab.setdefault(tok, len(vocab))
-    tf = torch.zeros(n_docs, len(vocab), dtype=torch.float64)
-    for j, doc in enumerate(doc_tokens):
-        for tok in doc:
-            tf[j, vocab[tok]] += 1.0
-    qc = torch.zeros(len(query_tokens), len(vocab), dtype=torch.float64)
-    for i, query in enumerate(query_tokens):
-        for tok in query:
-            if tok in vocab:  # a token absent from every document scores 0
-                qc[i, vocab[tok]] += 1.0
-    dl = tf.sum(dim=1, keepdim=True)
-    if avgdl is None:
-        avgdl = float(dl.mean()) if n_docs else 1.0
-    avgdl = avgdl if avgdl > 0 else 1.0
-    n_t = (tf > 0).sum(dim=0).to(torch.float64)
-    idf = torch.log((n_docs - n_t + 0.5) / (n_t + 0.5))
-    K = k1 * ((1.0 - b) + b * dl / avgdl)
-    saturated = (k1 + 1.0) * tf / (K + tf)
-    return qc @ (idf[None, :] * saturated).T
+    def setup(self, module: nn.Module, datamodule: Any) -> None:
+        """Called once at the start of fitting (e.g. to read corpus statistics); default: nothing."""
 
+    def estimate_batch(self, module: nn.Module, batch: Any) -> Tensor:
+        """``(B, M_batch + M_extra)`` estimates of a training batch, columns laid out like the module's
+        candidates (gathered in-batch candidates, then gathered extra negatives), detached."""
+        raise NotImplementedError(f"{type(self).__name__} does not estimate within a training batch")
 
-class BM25Estimator:
+class BM25Estimator(SimilarityEstimator):
     """BM25 similarity estimator (the paper's ``--bm25``): ``r_ij`` = BM25 score of anchor text ``i``
     (the query) against the text standing for candidate ``j``, scored within the batch. In the paper the
     "documents" are the natural-language queries of the batch's pairs (query-to-query BM25), which is
     ``estimate(queries)``; for extra candidates (mined negatives) pass the text paired with each one.
 
-    This is a small self-contained scorer (:func:`bm25_score_matrix`, the paper's exact idf variant);
-    it does not depend on the corpus retriever in ``contrastive.baselines``.
+    Scores come from :func:`contrastive.baselines.bm25.bm25_score_matrix` (the paper's exact idf variant,
+    dense within the batch).
 
     Args:
-        tokenizer: ``str -> list[str]``; default :func:`simple_tokenize`.
+        tokenizer: ``str -> list[str]``; default the library's code tokenizer
+            :func:`contrastive.baselines.bm25.code_tokens`.
         k1, b: BM25 constants (1.2, 0.75 in the paper).
         avgdl: mean document length; ``None`` = the batch mean until :meth:`fit` sets it from a corpus.
         dtype: dtype of the returned scores.
@@ -101,7 +69,7 @@ class BM25Estimator:
                  avgdl: Optional[float] = None, dtype: torch.dtype = torch.float32) -> None:
         if k1 < 0 or not 0.0 <= b <= 1.0:
             raise ValueError(f"need k1 >= 0 and 0 <= b <= 1; got k1={k1}, b={b}")
-        self.tokenizer = tokenizer or simple_tokenize
+        self.tokenizer = tokenizer or code_tokens
         self.k1, self.b, self.avgdl, self.dtype = k1, b, avgdl, dtype
 
     def fit(self, corpus: Iterable[str]) -> "BM25Estimator":
@@ -125,7 +93,7 @@ class BM25Estimator:
         return scores.to(self.dtype)
 
 
-class FrozenEncoderEstimator:
+class FrozenEncoderEstimator(SimilarityEstimator):
     """Similarity from a frozen encoder (the paper's ``--simcse`` estimator, or any frozen checkpoint):
     ``r_ij = cos(e(a_i), e'(c_j))`` (or the raw dot product with ``normalize=False``).
 

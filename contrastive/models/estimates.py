@@ -1,5 +1,7 @@
 """Batch-level similarity estimates for Soft-InfoNCE (Li et al. 2023) and Cement difficulty, registered in
-:data:`contrastive.registry.ESTIMATORS` and selected in YAML as ``model.similarity_estimator``.
+:data:`contrastive.registry.ESTIMATORS` and selected in YAML as ``model.similarity_estimator``: the
+:class:`~contrastive.losses.estimators.SimilarityEstimator` subclasses of text settings that implement
+``estimate_batch``.
 
 An estimator turns one training batch into representations that are gathered like the candidates, then
 scored: ``r = score(anchor_repr(batch), all candidate reprs)`` ``(B, M)``, with the columns laid out like the
@@ -49,18 +51,8 @@ def gather_strings(xs: list[str]) -> list[str]:
     return [s for p in parts for s in p]
 
 
-class BatchEstimator:
-    """Base: ``estimate(module, batch) -> (B, M_batch + M_extra)`` r_ij, detached."""
-
-    def setup(self, module: nn.Module, datamodule: Any) -> None:
-        """Called once at the start of fitting."""
-
-    def estimate(self, module: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        raise NotImplementedError  # abstract: each estimator defines it
-
-
 @ESTIMATORS.register("bm25")
-class BatchBM25Estimator(BatchEstimator):
+class BatchBM25Estimator(BM25Estimator):
     """BM25 within the (global) batch on BPE tokens.
 
     Args:
@@ -69,7 +61,7 @@ class BatchBM25Estimator(BatchEstimator):
     """
 
     def __init__(self, k1: float = 1.2, b: float = 0.75, candidates: Literal["queries", "documents"] = "queries") -> None:
-        self.scorer = BM25Estimator(tokenizer=str.split, k1=k1, b=b)
+        super().__init__(tokenizer=str.split, k1=k1, b=b)  # token ids as words
         self.candidates = candidates
 
     def setup(self, module: nn.Module, datamodule: Any) -> None:
@@ -77,32 +69,36 @@ class BatchBM25Estimator(BatchEstimator):
         ds = datamodule._dataset("train") if hasattr(datamodule, "_dataset") else None
         if ds is not None and hasattr(ds, "queries"):
             offsets = ds.queries.offsets
-            self.scorer.avgdl = float((offsets[1:] - offsets[:-1]).float().mean()) - 1.0  # without [CLS]
+            self.avgdl = float((offsets[1:] - offsets[:-1]).float().mean()) - 1.0  # without [CLS]
 
     @torch.no_grad()
-    def estimate(self, module: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        anchors = token_strings(batch["query_ids"], batch["query_mask"])
-        key = "query" if self.candidates == "queries" else "doc"
-        cands = gather_strings(token_strings(batch[f"{key}_ids"], batch[f"{key}_mask"]))
-        if "neg_ids" in batch and batch["neg_ids"].shape[0] > 0:
-            cands += gather_strings(token_strings(batch["neg_ids"], batch["neg_mask"]))
-        return self.scorer.estimate(anchors, cands).to(batch["query_ids"].device)
+    def estimate_batch(self, module: nn.Module, batch: Any) -> Tensor:
+        batch = module.as_batch(batch)
+        anchors = token_strings(batch.anchors["ids"], batch.anchors["mask"])
+        side = batch.anchors if self.candidates == "queries" else batch.candidates  # queries: paired batches
+        cands = gather_strings(token_strings(side["ids"], side["mask"]))
+        if batch.has_negatives:
+            cands += gather_strings(token_strings(batch.negatives.inputs["ids"], batch.negatives.inputs["mask"]))
+        return self.estimate(anchors, cands).to(batch.anchors["ids"].device)
 
 
 def _load_frozen_run(run_dir: str, checkpoint: Optional[str]) -> nn.Module:
     """Rebuild a run's model from its ``config.yaml`` and load its best (else last) checkpoint, frozen."""
     from contrastive import build
-    from contrastive.cli import find_checkpoint, load_config
+    from contrastive.config.loader import compose
+    from contrastive.config.validate import validate
+    from contrastive.encoders.tokenizer import BPETokenizer
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"similarity_estimator.run_dir: no config.yaml in {run}")
-    cfg = load_config(run / "config.yaml", [])
-    from contrastive.encoders.tokenizer import BPETokenizer
-
+    cfg = validate(*compose(run / "config.yaml", []))
     tok = BPETokenizer.load(str(run / "tokenizer"))
     model = build.build_model(cfg, tok.vocab_size, build.build_loss(cfg["loss"]))
-    ckpt = find_checkpoint(run, checkpoint)
+    candidates = [Path(checkpoint)] if checkpoint else [run / "checkpoints" / n for n in ("best.ckpt", "last.ckpt")]
+    ckpt = next((c for c in candidates if c.is_file()), None)
+    if ckpt is None:
+        raise FileNotFoundError(f"similarity_estimator: no checkpoint at {', '.join(map(str, candidates))}")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     model.load_state_dict(state["state_dict"], strict=False)
     model.eval().requires_grad_(False)
@@ -113,16 +109,16 @@ def _file_hash(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
-class _FrozenRunEstimator(BatchEstimator):
+class _FrozenRunEstimator(FrozenEncoderEstimator):
     query_to_query: bool = True
     normalize: bool = True
 
     def __init__(self, run_dir: str, checkpoint: Optional[str] = None) -> None:
         self.run_dir = run_dir
         self.frozen = _load_frozen_run(run_dir, checkpoint)
-        enc_d = self.frozen.encode_queries if self.query_to_query else self.frozen.encode_documents
-        self.scorer = FrozenEncoderEstimator(lambda x: self.frozen.encode_queries(*x), lambda x: enc_d(*x),
-                                             normalize=self.normalize, modules=[self.frozen])
+        side = "anchor" if self.query_to_query else "candidate"
+        super().__init__(lambda x: self.frozen.encode(x, "anchor"), lambda x: self.frozen.encode(x, side),
+                         normalize=self.normalize, modules=[self.frozen])
 
     def setup(self, module: nn.Module, datamodule: Any) -> None:
         mine = Path(getattr(datamodule, "tokenizer_dir_used", None) or getattr(datamodule, "tokenizer_dir", None) or "") / "tokenizer.json"
@@ -131,17 +127,19 @@ class _FrozenRunEstimator(BatchEstimator):
             raise ValueError(
                 f"similarity_estimator.run_dir: the frozen run's tokenizer ({theirs}) differs from this run's "
                 f"({mine}); set data.tokenizer_dir={theirs.parent} so both read the same token ids")
-        self.scorer.to(module.device)
+        self.to(module.device)
 
     @torch.no_grad()
-    def estimate(self, module: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        self.frozen.to(batch["query_ids"].device)
-        key = "query" if self.query_to_query else "doc"
-        a = self.frozen.encode_queries(batch["query_ids"], batch["query_mask"])
-        enc = self.frozen.encode_queries if self.query_to_query else self.frozen.encode_documents
-        c = [gather_no_grad(enc(batch[f"{key}_ids"], batch[f"{key}_mask"]))]
-        if "neg_ids" in batch and batch["neg_ids"].shape[0] > 0:
-            c.append(gather_no_grad(self.frozen.encode_documents(batch["neg_ids"], batch["neg_mask"])))
+    def estimate_batch(self, module: nn.Module, batch: Any) -> Tensor:
+        batch = module.as_batch(batch)
+        self.frozen.to(batch.anchors["ids"].device)
+        a = self.frozen.encode(batch.anchors, "anchor")
+        if self.query_to_query:  # paired batches: candidate j is represented by its query
+            c = [gather_no_grad(self.frozen.encode(batch.anchors, "anchor"))]
+        else:
+            c = [gather_no_grad(self.frozen.encode(batch.candidates, "candidate"))]
+        if batch.has_negatives:
+            c.append(gather_no_grad(self.frozen.encode(batch.negatives.inputs, "candidate")))
         c_all = torch.cat(c)
         if self.normalize:
             a, c_all = nn.functional.normalize(a, dim=-1), nn.functional.normalize(c_all, dim=-1)

@@ -31,7 +31,7 @@ class MemoryQueue(nn.Module):
     anchor's duplicate group are masked the same way when ``mask_known_duplicates`` is on.
 
     Under DDP enqueue the **gathered** (all-rank, rank-ordered) keys on every rank, so that every rank holds
-    an identical queue (:class:`~contrastive.models.dual_encoder.DualEncoderModule` does this).
+    an identical queue (:class:`~contrastive.models.contrastive.ContrastiveModule` does this).
     """
 
     def __init__(self, size: int, dim: int) -> None:

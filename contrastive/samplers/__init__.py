@@ -1,9 +1,9 @@
 from contrastive.samplers.base import InBatchSampler, NegativeSampler
 
 __all__ = ["InBatchSampler", "NegativeSampler"]
-from contrastive.samplers.mining import HardNegativeMiner, MinedNegatives, select_negatives  # noqa: E402
+from contrastive.samplers.mining import HardNegativeMiner, MinedNegatives, MiningSettings, select_negatives  # noqa: E402
 
-__all__ += ["HardNegativeMiner", "MinedNegatives", "select_negatives"]
+__all__ += ["HardNegativeMiner", "MinedNegatives", "MiningSettings", "select_negatives"]
 from contrastive.samplers.table import CorpusSampler, MinedTable, TableSampler, mine_table  # noqa: E402
 from contrastive.samplers.random import RandomNegativeSampler  # noqa: E402
 from contrastive.samplers.bm25 import BM25NegativeSampler  # noqa: E402

@@ -7,9 +7,8 @@ package, Lù 2024, arXiv 2407.03618), then turned into negatives by the same con
 miner (:func:`contrastive.samplers.table.mine_table`: the positive and its known duplicates removed by
 id, rank window, score bounds, top/random/softmax sampling, optional false-negative filters).
 
-Tokenisation is code-aware: identifiers are split at ``_`` and camelCase boundaries and lower-cased
-(``parseJSONFile`` → ``parse json file``), numbers kept, one-letter tokens and a short English stop-word
-list dropped, so natural-language queries match code documents.
+Scoring is the library's one BM25 (:class:`contrastive.baselines.bm25.BM25Retriever`, with its code-aware
+tokenizer :func:`~contrastive.baselines.bm25.code_tokens`), the same as the BM25 baseline of the test report.
 
 Candidates with a BM25 score of 0 (no shared term) are not lexical neighbours; ``min_score`` defaults
 to a tiny positive value so they are never mined, and ``fill_random`` tops short rows up with random
@@ -18,73 +17,18 @@ negatives instead.
 from __future__ import annotations
 
 import logging
-import re
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from contrastive.baselines.bm25 import BM25Retriever
 from contrastive.registry import SAMPLERS
-from contrastive.samplers.table import (
-    MinedTable,
-    TableSampler,
-    candidate_depth,
-    mine_table,
-    mining_settings,
-    resolve_filters,
-    utc_now,
-)
+from contrastive.samplers.mining import MiningSettings
+from contrastive.samplers.table import (MinedTable, TableSampler, candidate_depth, checked_mining, mine_table,
+                                       resolve_filters, utc_now)
 
 log = logging.getLogger(__name__)
-
-_WORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
-_STOP = frozenset(
-    "a an and are as at be but by for if in into is it no not of on or such that the their then there these "
-    "they this to was will with from its".split()
-)
-
-
-def code_tokens(text: str) -> list[str]:
-    """Lower-cased word pieces of ``text`` with identifiers split (``load_JSONConfig2`` → ``load json config 2``)."""
-    return [w for w in (m.lower() for m in _WORD.findall(text)) if (len(w) > 1 or w.isdigit()) and w not in _STOP]
-
-
-class BM25Scorer:
-    """BM25 over a list of documents (``bm25s`` backend, Lucene variant).
-
-    Args:
-        documents: the ``N`` documents.
-        k1, b: BM25 parameters.
-    """
-
-    def __init__(self, documents: Sequence[str], k1: float = 1.5, b: float = 0.75) -> None:
-        from contrastive.baselines.bm25 import import_bm25s
-
-        bm25s = import_bm25s()
-        self.num_docs = len(documents)
-        tokens = [code_tokens(d) for d in documents]
-        self.retriever = bm25s.BM25(k1=k1, b=b)
-        self.retriever.index(tokens, show_progress=False)
-
-    def search(self, queries: Sequence[str], k: int) -> tuple[Tensor, Tensor]:
-        """Top-``k`` documents of each query: ``(scores (Q, k) float32, ids (Q, k) long)``, best first."""
-        k = min(int(k), self.num_docs)
-        toks = [code_tokens(q) or ["\0"] for q in queries]
-        # backend "numpy", not bm25s' default "auto", which runs the top-k in JAX when JAX is installed
-        # (see import_bm25s for what JAX does to the GPU); numpy also keeps the selection, and so the mined
-        # table, the same on every machine.
-        ids, scores = self.retriever.retrieve(toks, k=k, show_progress=False, backend_selection="numpy")
-        return torch.from_numpy(np.asarray(scores, dtype=np.float32)), torch.from_numpy(np.asarray(ids, dtype=np.int64))
-
-    def pair_scores(self, queries: Sequence[str], doc_ids: Sequence[int]) -> Tensor:
-        """``(Q,)`` BM25 score of query ``i`` for document ``doc_ids[i]``."""
-        out = np.zeros(len(queries), dtype=np.float32)
-        for i, (q, d) in enumerate(zip(queries, doc_ids)):
-            toks = code_tokens(q)
-            if toks:
-                out[i] = self.retriever.get_scores(toks)[int(d)]
-        return torch.from_numpy(out)
 
 
 @SAMPLERS.register("bm25")
@@ -92,17 +36,11 @@ class BM25NegativeSampler(TableSampler):
     """BM25 hard negatives, mined once in :meth:`setup` (DPR-style lexical negatives).
 
     Args:
-        num_negatives: extra negatives per training pair.
-        range_min, range_max: rank window over the BM25 ranking without the positive (and its known
-            duplicates); ``range_max=None`` = all retrieved candidates.
-        sampling: ``"top"``, ``"random"`` or ``"softmax"`` over the window (see ``select_negatives``).
-        absolute_margin, relative_margin: keep ``s <= p - margin`` / ``s <= p - |p| * margin`` where ``p`` is
-            the BM25 score of the pair itself.
-        max_score, min_score: BM25 score bounds; the default ``min_score`` drops zero-score candidates.
-        strict: raise when a query gets fewer than ``num_negatives`` (otherwise ``-1`` padding or a
-            random top-up with ``fill_random``).
-        window_after_filters, temperature: as in ``select_negatives``.
-        filters: optional false-negative filters (objects or specs) applied before the window.
+        mining: the :class:`~contrastive.samplers.mining.MiningSettings` (rank window over the BM25 ranking
+            without the positive and its known duplicates, margins against the BM25 score of the pair
+            itself, score bounds, sampling), or its fields as keyword arguments (``num_negatives=2``, as
+            in YAML). Here ``min_score`` defaults to ``1e-6``, which drops zero-score candidates.
+        filters: optional false-negative filters (``NegativeFilter`` objects) applied before the window.
         fill_random: top short rows up with random negatives (score NaN in the table).
         candidates: BM25 depth per query; ``None`` = derived from the window (``candidate_depth``).
         k1, b: BM25 parameters.
@@ -114,17 +52,7 @@ class BM25NegativeSampler(TableSampler):
 
     def __init__(
         self,
-        num_negatives: int = 1,
-        range_min: int = 0,
-        range_max: Optional[int] = None,
-        sampling: Literal["top", "random", "softmax"] = "top",
-        absolute_margin: Optional[float] = None,
-        relative_margin: Optional[float] = None,
-        max_score: Optional[float] = None,
-        min_score: Optional[float] = 1e-6,
-        strict: bool = False,
-        window_after_filters: bool = False,
-        temperature: float = 1.0,
+        mining: Optional[MiningSettings] = None,
         filters: Optional[list[Any]] = None,
         fill_random: bool = True,
         candidates: Optional[int] = None,
@@ -132,14 +60,12 @@ class BM25NegativeSampler(TableSampler):
         b: float = 0.75,
         exclude_duplicates: bool = True,
         seed: int = 0,
+        **mining_fields: Any,
     ) -> None:
-        super().__init__(num_negatives=num_negatives, exclude_duplicates=exclude_duplicates, seed=seed)
-        self.mining = mining_settings(
-            num_negatives=num_negatives, range_min=range_min, range_max=range_max, sampling=sampling,
-            absolute_margin=absolute_margin, relative_margin=relative_margin, max_score=max_score,
-            min_score=min_score, strict=strict, window_after_filters=window_after_filters,
-            temperature=temperature, sampler_name=self.name,
-        )
+        if mining is None:  # zero-score candidates share no term with the query: not lexical neighbours
+            mining_fields = {"min_score": 1e-6, **mining_fields}
+        self.mining = checked_mining(MiningSettings.of(mining, mining_fields, f"sampler {self.name!r}: "), self.name)
+        super().__init__(num_negatives=self.mining.num_negatives, exclude_duplicates=exclude_duplicates, seed=seed)
         if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1):
             raise ValueError(f"sampler 'bm25': candidates must be a positive integer or null; got {candidates!r}")
         self.filter_spec = list(filters) if filters else []
@@ -148,13 +74,13 @@ class BM25NegativeSampler(TableSampler):
         self.last_stats: dict[str, float] = {}
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), **self.mining, "filters": [repr(f) for f in (self.filters.filters if self.filters else [])],
+        return {**super().settings(), **self.mining.as_dict(), "filters": [repr(f) for f in (self.filters.filters if self.filters else [])],
                 "fill_random": self.fill_random, "candidates": self.candidates, "k1": self.k1, "b": self.b}
 
-    def setup(self, query_texts: Sequence[str], doc_texts: Sequence[str], pair_ids: Tensor,
-              dup_group: Optional[Tensor] = None) -> None:
-        """Store the corpus and mine the BM25 table of every training query (once)."""
-        super().setup(query_texts, doc_texts, pair_ids, dup_group)
+    def setup(self, ids: Tensor, groups: Optional[Tensor] = None,
+              texts: Optional[Mapping[str, Sequence[str]]] = None) -> None:
+        """Store the corpus and mine the BM25 table of every training query (once); needs the row texts."""
+        super().setup(ids, groups, texts)
         table, stats = self.mine()
         self.set_table(table)
         self.last_stats = stats
@@ -166,10 +92,11 @@ class BM25NegativeSampler(TableSampler):
                                                    filtered=self.filters is not None, sampler_name=self.name)
         if self.candidates is not None:
             candidate_depth(self.mining, n, self.max_group_size, 0, False, self.name)  # validates the window
-        scorer = BM25Scorer(self.doc_texts, k1=self.k1, b=self.b)
-        scores, ids = scorer.search(self.query_texts, depth)
+        queries = self.row_texts("anchor")
+        retriever = BM25Retriever(k1=self.k1, b=self.b).fit(self.row_texts("candidate"))
+        scores, ids = retriever.search(queries, depth)
         rows = torch.arange(n)
-        pos = scorer.pair_scores(self.query_texts, rows.tolist())
+        pos = retriever.pair_scores(queries, rows.tolist())
         table, stats = mine_table(self, scores, ids, rows, pos, mining=self.mining, filters=self.filters,
                                   seed=self.seed, fill_random=self.fill_random)
         table.header.update({"sampler": {"name": self.name, "settings": self.settings()}, "checkpoint": None,

@@ -1,34 +1,27 @@
-"""Batch integration of negative samplers: a collate that appends extra negatives, and a batch sampler
-that lets a sampler order the batches (NGAME).
+"""Batch integration of negative samplers: :func:`attach_sampler`, the one way a datamodule wires a sampler
+into its training loader, a collate that appends extra negatives, and a batch sampler that lets a sampler
+order the batches (NGAME).
 
 How a datamodule wires a sampler (``sampler: NegativeSampler | None = None`` constructor argument)
 -------------------------------------------------------------------------------------------------
-Training rows are the positions ``0..N-1`` of the training records **in the order given to**
-``sampler.setup``; dataset index ``i`` must be row ``i``::
+Training rows are the positions ``0..N-1`` of the training dataset; dataset item ``i`` is row ``i``::
 
     def setup(self, stage):
         ...
-        train = self.corpus.records("train")                       # the training records, fixed order
-        if self.sampler is not None:
-            self.sampler.setup([r.query for r in train], [r.document for r in train],
-                               torch.tensor([r.id for r in train]), torch.tensor([r.dup_group for r in train]))
+        self.train_loader = attach_sampler(
+            self.sampler, self.train_set, ids=train_ids, groups=train_groups,
+            base_collate=self.collate,                        # items -> the setting's batch dict
+            candidate_inputs=self.candidate_rows,             # rows -> candidate-tower inputs
+            generated_inputs=self.render,                     # generated items -> inputs (optional)
+            texts={"anchor": ..., "candidate": ...},          # text settings only (BM25)
+            batch_size=self.batch_size, seed=self.seed)
 
-    def train_dataloader(self):
-        collate = self.collate                                      # the usual collate -> batch dict
-        if self.sampler is None:
-            return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=collate, ...)
-        if self.sampler.num_negatives > 0:                          # random / bm25 / faiss_hard
-            collate = NegativeCollate(collate, self.sampler, [r.document for r in train],
-                                      torch.tensor([r.id for r in train]), torch.tensor([r.dup_group for r in train]),
-                                      encode_docs=lambda texts: self.tokenizer.encode_batch(texts, self.max_doc_length))
-        batches = SamplerBatchSampler(self.sampler, len(self.train_set), self.batch_size, seed=self.seed,
-                                      drop_last=True)              # NGAME order, else a seeded shuffle
-        return DataLoader(self.train_set, batch_sampler=batches, collate_fn=collate,
-                          num_workers=self.num_workers, persistent_workers=False)
+and, for samplers refreshed with the model, implements
+:meth:`~contrastive.samplers.base.SamplerData.row_inputs`.
 
-Rows of a batch: dataset items that are plain ints are the rows themselves (the code-search
-``PairDataset``); dict items may carry ``item["row"]``; otherwise the batch's ``pair_id`` is mapped back to
-rows (ids must be those given to ``setup``).
+Rows of a batch: dataset items that are plain ints are the rows themselves; dict items may carry
+``item["row"]``; otherwise the batch's ``pair_id`` is mapped back to rows (ids must be those given to
+``setup``).
 
 Staleness and worker processes: the collate runs in the dataloader workers, which hold a *copy* of the
 sampler made when they start. Lightning starts them at each epoch (after ``on_train_epoch_start``, where
@@ -42,18 +35,19 @@ gets a full local batch; consecutive batches go to consecutive ranks, so NGAME's
 cluster-coherent), so run with ``Trainer(use_distributed_sampler=False)``. The model gathers extra
 negatives with gradient, which needs the same count on every rank: :class:`NegativeCollate` then
 (``fixed_size``, on by default under ``torch.distributed``) always emits ``batch_size * num_negatives``
-of them, topping up with random rows.
+corpus negatives, topping up with random rows (a sampler's generated negatives must then also come in a
+fixed number per batch).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from contrastive.samplers.base import NegativeSampler
+from contrastive.samplers.base import NegativeSampler, as_sampled
 from contrastive.samplers.table import _splitmix64, hashed_randint
 
 
@@ -66,25 +60,31 @@ def _is_distributed() -> bool:
 class NegativeCollate:
     """Wrap a collate function and append the sampler's extra negatives to every batch.
 
-    Added keys (``K`` = number of distinct extra negatives of the batch, possibly 0):
+    Added keys (``K`` = number of extra negatives of the batch, possibly 0):
 
-    - ``neg_ids`` ``(K, Ld)`` long and ``neg_mask`` ``(K, Ld)`` token tensors (from ``encode_docs``);
-    - ``neg_pair_id`` ``(K,)`` long corpus ids and ``neg_dup_group`` ``(K,)`` long duplicate groups, with
-      which the model masks a negative that is (a duplicate of) some anchor's positive;
-    - ``neg_row`` ``(K,)`` long training rows (for debugging and reports).
+    - ``neg_<key>`` for every key of the candidate-tower inputs (e.g. ``neg_ids`` / ``neg_mask`` ``(K, L)``
+      for text), present when ``K > 0``: corpus rows first (``candidate_inputs``), then generated items
+      (``generated_inputs``), concatenated with :func:`cat_inputs`;
+    - ``neg_pair_id`` ``(K,)`` long corpus ids (``-1`` for generated items) and ``neg_dup_group`` ``(K,)``
+      long duplicate groups, with which the model masks a negative that is (a duplicate of) some anchor's
+      positive;
+    - ``neg_row`` ``(K,)`` long training rows (``-1`` for generated items);
+    - ``neg_owner`` ``(K,)`` long: ``-1``, or the batch position of the anchor a generated item belongs to;
+    - ``neg_weight`` / ``neg_difficulty`` ``(K,)`` float, when the generated negatives carry them (1 and 0
+      for corpus rows).
 
-    ``-1`` padding from the sampler is dropped. With ``dedup`` a negative that is already an in-batch
-    document (its row is in the batch) or repeated across anchors appears once.
+    ``-1`` padding from the sampler is dropped. With ``dedup`` a corpus negative that is already in the
+    batch (its row is in the batch) or repeated across anchors appears once.
 
     Args:
         base_collate: the datamodule's collate (list of items → batch dict with ``pair_id``).
         sampler: a set-up :class:`NegativeSampler`.
-        corpus_docs: the ``N`` training documents, by row.
         corpus_ids: ``(N,)`` corpus id (``pair_id``) of every row.
         corpus_groups: ``(N,)`` duplicate group of every row (``None``: the ids).
-        encode_docs: texts → ``(ids (K, L), mask (K, L))`` (e.g. ``tokenizer.encode_batch(texts, max_len)``).
+        candidate_inputs: rows (list of ints) → candidate-tower inputs (tensors ``(K, ...)``).
+        generated_inputs: generated items → candidate-tower inputs; needed only by samplers that generate.
         dedup: drop negatives already in the batch and repeats.
-        fixed_size: always ``B * num_negatives`` negatives (random top-up; needed under DDP).
+        fixed_size: always ``B * num_negatives`` corpus negatives (random top-up; needed under DDP).
             ``None`` = on iff ``torch.distributed`` is initialised with more than one process.
         row_key: the item key holding the row position.
         seed: seed of the top-up draws.
@@ -94,26 +94,25 @@ class NegativeCollate:
         self,
         base_collate: Callable[[list[Any]], dict[str, Tensor]],
         sampler: NegativeSampler,
-        corpus_docs: Sequence[str],
         corpus_ids: Tensor,
         corpus_groups: Optional[Tensor],
-        encode_docs: Callable[[list[str]], tuple[Tensor, Tensor]],
+        candidate_inputs: Callable[[list[int]], Mapping[str, Tensor]],
+        generated_inputs: Optional[Callable[[list[Any]], Mapping[str, Tensor]]] = None,
         dedup: bool = True,
         fixed_size: Optional[bool] = None,
         row_key: str = "row",
         seed: int = 0,
     ) -> None:
-        self.base_collate, self.sampler, self.encode_docs = base_collate, sampler, encode_docs
-        self.corpus_docs = list(corpus_docs)
+        self.base_collate, self.sampler = base_collate, sampler
+        self.candidate_inputs, self.generated_inputs = candidate_inputs, generated_inputs
         self.corpus_ids = torch.as_tensor(corpus_ids).long().view(-1)
-        n = len(self.corpus_docs)
+        n = self.corpus_ids.shape[0]
         if n == 0:
-            raise ValueError("NegativeCollate: corpus_docs is empty")
-        if self.corpus_ids.shape[0] != n:
-            raise ValueError(f"NegativeCollate: corpus_ids has {self.corpus_ids.shape[0]} entries for {n} documents")
+            raise ValueError("NegativeCollate: the training corpus is empty (corpus_ids has no entries)")
+        self.num_rows = n
         self.corpus_groups = self.corpus_ids.clone() if corpus_groups is None else torch.as_tensor(corpus_groups).long().view(-1)
         if self.corpus_groups.shape[0] != n:
-            raise ValueError(f"NegativeCollate: corpus_groups has {self.corpus_groups.shape[0]} entries for {n} documents")
+            raise ValueError(f"NegativeCollate: corpus_groups has {self.corpus_groups.shape[0]} entries for {n} rows")
         self._sorted_ids, self._sorted_rows = torch.sort(self.corpus_ids)
         self.dedup = bool(dedup)
         self.fixed_size = _is_distributed() if fixed_size is None else bool(fixed_size)
@@ -136,9 +135,11 @@ class NegativeCollate:
         return self._sorted_rows[pos]
 
     def negative_rows(self, rows: Tensor) -> Tensor:
-        """The ``(K,)`` rows of the extra negatives of a batch whose anchors are ``rows`` ``(B,)``."""
-        neg = self.sampler.sample(rows)
-        want = rows.shape[0] * int(getattr(self.sampler, "num_negatives", neg.shape[1]))
+        """The ``(K,)`` rows of the corpus negatives of a batch whose anchors are ``rows`` ``(B,)``."""
+        return self._corpus_rows(rows, as_sampled(self.sampler.sample(rows)).rows)
+
+    def _corpus_rows(self, rows: Tensor, neg: Tensor) -> Tensor:
+        want = rows.shape[0] * self.sampler.num_negatives
         flat = neg.reshape(-1)
         flat = flat[flat >= 0]
         if self.dedup and flat.numel():
@@ -152,7 +153,7 @@ class NegativeCollate:
     def _fix_size(self, rows: Tensor, flat: Tensor, want: int) -> Tensor:
         if flat.numel() > want:
             return flat[:want]
-        n = len(self.corpus_docs)
+        n = self.num_rows
         h = int(_splitmix64(np.asarray(int(rows.sum()) * 1_000_003 + rows.numel(), dtype=np.uint64)))
         taken = set(rows.tolist()) | set(flat.tolist())
         extra: list[int] = []
@@ -174,23 +175,76 @@ class NegativeCollate:
     def __call__(self, items: list[Any]) -> dict[str, Tensor]:
         batch = self.base_collate(items)
         rows = self.rows_of(items, batch)
-        neg = self.negative_rows(rows)
+        sampled = as_sampled(self.sampler.sample(rows))
+        neg = self._corpus_rows(rows, sampled.rows)
+        gen = sampled.generated
+        parts = []
         if neg.numel():
-            ids, mask = self.encode_docs([self.corpus_docs[i] for i in neg.tolist()])
-            ids, mask = torch.as_tensor(ids), torch.as_tensor(mask)
-        else:
-            width = int(batch["doc_ids"].shape[1]) if "doc_ids" in batch else 1
-            ids = torch.zeros((0, width), dtype=torch.long)
-            mask = torch.zeros((0, width), dtype=batch["doc_mask"].dtype if "doc_mask" in batch else torch.bool)
-        batch["neg_ids"], batch["neg_mask"] = ids, mask
-        batch["neg_pair_id"] = self.corpus_ids[neg]
-        batch["neg_dup_group"] = self.corpus_groups[neg]
-        batch["neg_row"] = neg
+            parts.append(self.candidate_inputs(neg.tolist()))
+        k_gen = 0 if gen is None else len(gen.items)
+        if k_gen:
+            if self.generated_inputs is None:
+                raise ValueError(f"{type(self.sampler).__name__} generates negatives but the datamodule passed no "
+                                 "generated_inputs to turn them into tower inputs")
+            parts.append(self.generated_inputs(list(gen.items)))
+        if parts:
+            inputs = parts[0] if len(parts) == 1 else cat_inputs(parts[0], parts[1])
+            for key, value in inputs.items():
+                batch[f"neg_{key}"] = torch.as_tensor(value)
+        minus = torch.full((k_gen,), -1, dtype=torch.long)
+        batch["neg_pair_id"] = torch.cat([self.corpus_ids[neg], minus])
+        batch["neg_dup_group"] = torch.cat([self.corpus_groups[neg], minus])
+        batch["neg_row"] = torch.cat([neg, minus])
+        if gen is not None:
+            batch["neg_owner"] = torch.cat([torch.full((neg.numel(),), -1, dtype=torch.long), gen.owner])
+            if gen.weights is not None:
+                batch["neg_weight"] = torch.cat([torch.ones(neg.numel()), gen.weights.float()])
+            if gen.difficulty is not None:
+                batch["neg_difficulty"] = torch.cat([torch.zeros(neg.numel()), gen.difficulty.float()])
         return batch
 
 
+def cat_inputs(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Concatenate two tower-input dicts along the item dimension, zero-padding trailing dimensions that
+    differ (token sequences of different lengths: id 0 is padding, mask False)."""
+    if set(a) != set(b):
+        raise ValueError(f"cannot concatenate tower inputs with keys {sorted(a)} and {sorted(b)}")
+    out = {}
+    for k in a:
+        x, y = torch.as_tensor(a[k]), torch.as_tensor(b[k])
+        if x.dim() != y.dim():
+            raise ValueError(f"tower input {k!r}: {tuple(x.shape)} and {tuple(y.shape)} cannot be concatenated")
+        shape = [max(i, j) for i, j in zip(x.shape[1:], y.shape[1:])]
+        pad = lambda t: torch.nn.functional.pad(t, [p for d in reversed(range(1, t.dim())) for p in (0, shape[d - 1] - t.shape[d])])  # noqa: E731
+        out[k] = torch.cat([pad(x), pad(y).to(x.dtype)])
+    return out
+
+
+class TextRows:
+    """``candidate_inputs`` of a text setting: rows → ``{"ids", "mask"}`` of their texts, tokenized by
+    ``encode`` (e.g. :class:`TokenizerEncoder`); a class so that it pickles into worker processes."""
+
+    def __init__(self, texts: Sequence[str], encode: Callable[[list[str]], tuple[Tensor, Tensor]]) -> None:
+        self.texts, self.encode = list(texts), encode
+
+    def __call__(self, rows: list[int]) -> dict[str, Tensor]:
+        ids, mask = self.encode([self.texts[i] for i in rows])
+        return {"ids": torch.as_tensor(ids), "mask": torch.as_tensor(mask)}
+
+
+class TextItems:
+    """``generated_inputs`` of a text setting: generated strings → ``{"ids", "mask"}``."""
+
+    def __init__(self, encode: Callable[[list[str]], tuple[Tensor, Tensor]]) -> None:
+        self.encode = encode
+
+    def __call__(self, items: list[Any]) -> dict[str, Tensor]:
+        ids, mask = self.encode([str(t) for t in items])
+        return {"ids": torch.as_tensor(ids), "mask": torch.as_tensor(mask)}
+
+
 class TokenizerEncoder:
-    """``encode_docs`` for :class:`NegativeCollate`: ``texts -> tokenizer.encode_batch(texts, max_length)``
+    """Text encoding for :class:`TextRows` / :class:`TextItems`: ``texts -> tokenizer.encode_batch(texts, max_length)``
     as an ``(ids, mask)`` pair (a class, not a lambda, so that it pickles into worker processes)."""
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
@@ -204,6 +258,55 @@ class TokenizerEncoder:
 def shapes_batches(sampler: Optional[NegativeSampler]) -> bool:
     """Whether ``sampler`` orders the batches itself (overrides ``batch_order``, e.g. NGAME)."""
     return sampler is not None and type(sampler).batch_order is not NegativeSampler.batch_order
+
+
+def generates(sampler: Optional[NegativeSampler]) -> bool:
+    """Whether ``sampler`` may add negatives to a batch (corpus rows or generated items)."""
+    return sampler is not None and (sampler.num_negatives > 0 or type(sampler).sample is not NegativeSampler.sample)
+
+
+def attach_sampler(
+    sampler: Optional[NegativeSampler],
+    dataset: Dataset,
+    *,
+    ids: Tensor,
+    groups: Optional[Tensor],
+    base_collate: Callable[[list[Any]], Any],
+    candidate_inputs: Optional[Callable[[list[int]], Mapping[str, Tensor]]],
+    batch_size: int,
+    generated_inputs: Optional[Callable[[list[Any]], Mapping[str, Tensor]]] = None,
+    texts: Optional[Mapping[str, Sequence[str]]] = None,
+    setup: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = True,
+) -> DataLoader:
+    """The training loader of a datamodule with ``sampler`` wired in (the one place that does it).
+
+    Sets the sampler up on the training rows (``setup``: row ``r`` = dataset item ``r`` with id ``ids[r]``
+    and group ``groups[r]``; pass ``setup=False`` when the same rows were already given), appends its
+    negatives to every batch (:class:`NegativeCollate`) and lets it order the batches
+    (:class:`SamplerBatchSampler`, also used for per-epoch negatives on a single process). Without a
+    sampler (or with one that adds nothing and keeps the order) it is a seeded shuffling loader.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    plain = dict(batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=g, num_workers=num_workers)
+    if sampler is None:
+        return DataLoader(dataset, collate_fn=base_collate, persistent_workers=num_workers > 0, **plain)
+    if setup:
+        sampler.setup(ids, groups, texts)
+    collate: Any = base_collate
+    extra = generates(sampler)
+    if extra:
+        if candidate_inputs is None:
+            raise ValueError(f"{type(sampler).__name__} adds negatives: the datamodule must pass candidate_inputs")
+        collate = NegativeCollate(base_collate, sampler, ids, groups, candidate_inputs, generated_inputs, seed=seed)
+    if not (shapes_batches(sampler) or (extra and not _is_distributed())):
+        return DataLoader(dataset, collate_fn=collate, persistent_workers=num_workers > 0 and not extra, **plain)
+    # per-epoch / refreshed negatives must reach the workers: no persistent workers with extra negatives
+    batches = SamplerBatchSampler(sampler, len(dataset), batch_size, seed=seed, drop_last=drop_last)
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+                      persistent_workers=num_workers > 0 and not extra)
 
 
 class _EpochRows(Sampler[int]):
@@ -267,7 +370,7 @@ class SamplerBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-        if self.negative_sampler is not None and callable(getattr(self.negative_sampler, "set_epoch", None)):
+        if self.negative_sampler is not None:
             self.negative_sampler.set_epoch(self.epoch)
 
     def generator(self, epoch: int) -> torch.Generator:

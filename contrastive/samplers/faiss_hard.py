@@ -24,21 +24,16 @@ BM25 warm-up, computed in ``setup``), or ``"none"`` (in-batch only until the fir
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from contrastive.registry import SAMPLERS
-from contrastive.samplers.table import (
-    MinedTable,
-    TableSampler,
-    candidate_depth,
-    mine_table,
-    mining_settings,
-    resolve_filters,
-    utc_now,
-)
+from contrastive.samplers.mining import MiningSettings
+from contrastive.samplers.base import Encode, RefreshSchedule
+from contrastive.samplers.table import (MinedTable, TableSampler, candidate_depth, checked_mining, mine_table,
+                                       resolve_filters, utc_now)
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +63,13 @@ class FaissHardNegativeSampler(TableSampler):
     """Hard negatives mined with the current model from an index of the training documents.
 
     Args:
-        num_negatives: extra negatives per training pair.
-        range_min, range_max: rank window ``[range_min, range_max)`` over the ranking without the
-            positive and its known duplicates; ``range_max=None`` = ``range_min + num_negatives`` (10x that
-            with margins, score bounds or filters). E.g. ``range_min=3, range_max=50, sampling=random`` is
-            the ANCE / FlagEmbedding recipe of skipping the very top (likely false negatives).
-        sampling: ``"top"``, ``"random"`` (uniform in the window, as ANCE) or ``"softmax"``.
-        absolute_margin, relative_margin: keep ``s <= p - margin`` / ``s <= p - |p| margin`` with ``p`` the
-            query–positive score (NV-Retriever TopK-MarginPos / -PercPos).
-        max_score, min_score: score bounds.
-        strict: raise (naming the window) when a query gets fewer than ``num_negatives``.
-        window_after_filters, temperature: see ``select_negatives``.
-        filters: false-negative filters (``NegativeFilter`` objects or YAML specs) applied to the
+        mining: the :class:`~contrastive.samplers.mining.MiningSettings`, or its fields as keyword arguments
+            (``num_negatives=2, range_max=50``, as in YAML): the rank window over the ranking without the
+            positive and its known duplicates (``range_max=None`` = ``range_min + num_negatives``, 10x that
+            with margins, score bounds or filters; ``range_min=3, range_max=50, sampling=random`` is the
+            ANCE / FlagEmbedding recipe of skipping the very top), margins against the query–positive
+            score (NV-Retriever TopK-MarginPos / -PercPos), score bounds, sampling, ``strict``.
+        filters: false-negative filters (``NegativeFilter`` objects) applied to the
             retrieved candidates before the window; the filtered candidates get ``anchor_embeddings``
             (queries) and ``corpus_embeddings`` (documents) for embedding-based filters.
         fill_random: top short rows up with random negatives.
@@ -100,17 +90,7 @@ class FaissHardNegativeSampler(TableSampler):
 
     def __init__(
         self,
-        num_negatives: int = 1,
-        range_min: int = 0,
-        range_max: Optional[int] = None,
-        sampling: Literal["top", "random", "softmax"] = "top",
-        absolute_margin: Optional[float] = None,
-        relative_margin: Optional[float] = None,
-        max_score: Optional[float] = None,
-        min_score: Optional[float] = None,
-        strict: bool = False,
-        window_after_filters: bool = False,
-        temperature: float = 1.0,
+        mining: Optional[MiningSettings] = None,
         filters: Optional[list[Any]] = None,
         fill_random: bool = False,
         index_kind: Literal["exact", "flat", "ivf_flat", "hnsw", "ivf_pq"] = "exact",
@@ -123,14 +103,10 @@ class FaissHardNegativeSampler(TableSampler):
         refresh_start_epoch: int = 1,
         exclude_duplicates: bool = True,
         seed: int = 0,
+        **mining_fields: Any,
     ) -> None:
-        super().__init__(num_negatives=num_negatives, exclude_duplicates=exclude_duplicates, seed=seed)
-        self.mining = mining_settings(
-            num_negatives=num_negatives, range_min=range_min, range_max=range_max, sampling=sampling,
-            absolute_margin=absolute_margin, relative_margin=relative_margin, max_score=max_score,
-            min_score=min_score, strict=strict, window_after_filters=window_after_filters,
-            temperature=temperature, sampler_name=self.name,
-        )
+        self.mining = checked_mining(MiningSettings.of(mining, mining_fields, f"sampler {self.name!r}: "), self.name)
+        super().__init__(num_negatives=self.mining.num_negatives, exclude_duplicates=exclude_duplicates, seed=seed)
         if index_kind not in INDEX_KINDS:
             raise ValueError(f"sampler 'faiss_hard': index_kind must be one of {INDEX_KINDS}; got {index_kind!r}")
         if metric not in ("ip", "cosine"):
@@ -151,21 +127,20 @@ class FaissHardNegativeSampler(TableSampler):
         self.index_kind, self.metric = index_kind, metric
         self.index_kwargs = dict(index_kwargs or {})
         self.search_slack, self.warmup = search_slack, warmup
-        self.refresh_every_n_epochs, self.refresh_every_n_steps = refresh_every_n_epochs, refresh_every_n_steps
-        self.refresh_start_epoch = refresh_start_epoch
+        self.schedule = RefreshSchedule(refresh_every_n_epochs, refresh_every_n_steps, refresh_start_epoch)
         self._warmup_sampler: Optional[Any] = None
         self.last_stats: dict[str, float] = {}
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), **self.mining,
+        return {**super().settings(), **self.mining.as_dict(),
                 "filters": [repr(f) for f in (self.filters.filters if self.filters else [])],
                 "fill_random": self.fill_random, "index_kind": self.index_kind, "metric": self.metric,
                 "index_kwargs": self.index_kwargs, "search_slack": self.search_slack}
 
-    def setup(self, query_texts: Sequence[str], doc_texts: Sequence[str], pair_ids: Tensor,
-              dup_group: Optional[Tensor] = None) -> None:
+    def setup(self, ids: Tensor, groups: Optional[Tensor] = None,
+              texts: Optional[Mapping[str, Sequence[str]]] = None) -> None:
         """Store the corpus, check the window against it and prepare the warm-up negatives."""
-        super().setup(query_texts, doc_texts, pair_ids, dup_group)
+        super().setup(ids, groups, texts)
         candidate_depth(self.mining, self.num_rows, self.max_group_size, self.search_slack,
                         self.filters is not None, self.name)  # raises on a window beyond the corpus
         self.table, self._lookup = None, None
@@ -176,12 +151,12 @@ class FaissHardNegativeSampler(TableSampler):
         elif self.warmup == "bm25":
             from contrastive.samplers.bm25 import BM25NegativeSampler
 
-            self._warmup_sampler = BM25NegativeSampler(self.num_negatives, exclude_duplicates=self.exclude_duplicates,
+            self._warmup_sampler = BM25NegativeSampler(num_negatives=self.num_negatives, exclude_duplicates=self.exclude_duplicates,
                                                        seed=self.seed)
         else:
             self._warmup_sampler = None
         if self._warmup_sampler is not None:
-            self._warmup_sampler.setup(query_texts, doc_texts, pair_ids, dup_group)
+            self._warmup_sampler.setup(ids, groups, texts)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -226,12 +201,16 @@ class FaissHardNegativeSampler(TableSampler):
                                       "step": int(step)}})
         return table, stats
 
-    def refresh(self, encode_queries: Callable[[Sequence[str]], Tensor],
-                encode_documents: Callable[[Sequence[str]], Tensor], step: int) -> dict[str, float]:
-        """Encode the training corpus with the current model, re-mine and install the new table."""
+    @property
+    def refresh_schedule(self) -> RefreshSchedule:
+        return self.schedule
+
+    def refresh(self, encode: Encode, step: int) -> dict[str, float]:
+        """Encode the training rows with the current model, re-mine and install the new table."""
         self._check_ready()
-        q = encode_queries(self.query_texts)
-        d = encode_documents(self.doc_texts)
+        rows = torch.arange(self.num_rows)
+        q = encode(rows, "anchor")
+        d = encode(rows, "candidate")
         table, stats = self.mine_embeddings(q, d, step)
         self.set_table(table)
         self.last_stats = stats

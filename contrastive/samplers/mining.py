@@ -30,9 +30,10 @@ Order of operations for each query (every step is counted in :attr:`MinedNegativ
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import Tensor
@@ -49,7 +50,6 @@ from contrastive.filters.functional import (
     rowwise_isin,
     valid_candidates,
 )
-from contrastive.registry import SAMPLERS
 
 Sampling = Literal["top", "random", "softmax"]
 _SAMPLINGS = ("top", "random", "softmax")
@@ -114,36 +114,75 @@ def _check_float(value: Optional[float], setting: str, non_negative: bool = Fals
     return v
 
 
-def validate_mining_settings(
-    *,
-    num_negatives: int,
-    range_min: int = 0,
-    range_max: Optional[int] = None,
-    sampling: str = "top",
-    absolute_margin: Optional[float] = None,
-    relative_margin: Optional[float] = None,
-    max_score: Optional[float] = None,
-    min_score: Optional[float] = None,
-    temperature: float = 1.0,
-) -> None:
-    """Raise a ``ValueError`` naming the bad setting (shared by :func:`select_negatives` and
-    :class:`HardNegativeMiner`, so a bad config fails at construction)."""
-    _check_int(num_negatives, "num_negatives", 1)
-    _check_int(range_min, "range_min", 0)
-    if range_max is not None:
-        _check_int(range_max, "range_max", 1)
-        if range_max <= range_min:
-            raise ValueError(f"range_max must be > range_min (the window is [range_min, range_max)); got range_min={range_min}, range_max={range_max}")
-    if sampling not in _SAMPLINGS:
-        raise ValueError(f"sampling must be one of {_SAMPLINGS}; got {sampling!r}")
-    _check_float(absolute_margin, "absolute_margin", non_negative=True)
-    _check_float(relative_margin, "relative_margin", non_negative=True)
-    hi, lo = _check_float(max_score, "max_score"), _check_float(min_score, "min_score")
-    if hi is not None and lo is not None and lo > hi:
-        raise ValueError(f"min_score must be <= max_score; got min_score={lo}, max_score={hi}")
-    t = _check_float(temperature, "temperature")
-    if t is None or t <= 0:
-        raise ValueError(f"temperature must be > 0; got {temperature!r}")
+@dataclass(frozen=True)
+class MiningSettings:
+    """The mining controls of :func:`select_negatives`, validated at construction (a bad config fails
+    before any mining, with an error naming the setting). Every miner and corpus sampler takes them.
+
+    Attributes:
+        num_negatives: negatives per query, ``>= 1``.
+        range_min, range_max: rank window ``[range_min, range_max)`` over the positive-free ranking
+            (``range_max=None``: to the end).
+        sampling: ``"top"`` (best first), ``"random"`` (uniform in the window) or ``"softmax"``
+            (``exp(s / temperature)``).
+        absolute_margin, relative_margin: keep ``s <= p - absolute_margin`` / ``s <= p - |p| *
+            relative_margin``, ``p`` the query's lowest positive score (NV-Retriever's TopK-MarginPos /
+            TopK-PercPos).
+        max_score, min_score: keep ``min_score <= s <= max_score``.
+        strict: raise when a query gets fewer than ``num_negatives`` (default: pad with ``-1``).
+        window_after_filters: rank the window over the score-filter survivors (sentence-transformers'
+            semantics) instead of over the positive-free ranking.
+        temperature: ``> 0``, for ``sampling="softmax"``.
+    """
+
+    num_negatives: int = 1
+    range_min: int = 0
+    range_max: Optional[int] = None
+    sampling: Sampling = "top"
+    absolute_margin: Optional[float] = None
+    relative_margin: Optional[float] = None
+    max_score: Optional[float] = None
+    min_score: Optional[float] = None
+    strict: bool = False
+    window_after_filters: bool = False
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_int(self.num_negatives, "num_negatives", 1)
+        _check_int(self.range_min, "range_min", 0)
+        if self.range_max is not None:
+            _check_int(self.range_max, "range_max", 1)
+            if self.range_max <= self.range_min:
+                raise ValueError(f"range_max must be > range_min (the window is [range_min, range_max)); got "
+                                 f"range_min={self.range_min}, range_max={self.range_max}")
+        if self.sampling not in _SAMPLINGS:
+            raise ValueError(f"sampling must be one of {_SAMPLINGS}; got {self.sampling!r}")
+        _check_float(self.absolute_margin, "absolute_margin", non_negative=True)
+        _check_float(self.relative_margin, "relative_margin", non_negative=True)
+        hi, lo = _check_float(self.max_score, "max_score"), _check_float(self.min_score, "min_score")
+        if hi is not None and lo is not None and lo > hi:
+            raise ValueError(f"min_score must be <= max_score; got min_score={lo}, max_score={hi}")
+        t = _check_float(self.temperature, "temperature")
+        if t is None or t <= 0:
+            raise ValueError(f"temperature must be > 0; got {self.temperature!r}")
+
+    @classmethod
+    def of(cls, settings: Optional["MiningSettings"], fields: dict[str, Any], where: str = "") -> "MiningSettings":
+        """``settings``, or settings built from keyword ``fields`` (not both); errors prefixed by ``where``."""
+        if settings is not None and fields:
+            raise TypeError(f"{where}pass MiningSettings or its fields ({', '.join(sorted(fields))}), not both")
+        if settings is not None:
+            return settings
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"{where}unknown mining setting(s) {', '.join(unknown)}")
+        try:
+            return cls(**fields)
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def _rank_window(mask: Tensor, range_min: int, range_max: Optional[int]) -> Tensor:
@@ -161,20 +200,13 @@ def _select_block(
     pos: Tensor,
     excl: Optional[Tensor],
     p_min: Optional[Tensor],
-    *,
-    num_negatives: int,
-    range_min: int,
-    range_max: Optional[int],
-    sampling: str,
-    absolute_margin: Optional[float],
-    relative_margin: Optional[float],
-    max_score: Optional[float],
-    min_score: Optional[float],
-    window_after_filters: bool,
-    temperature: float,
+    m: MiningSettings,
     generator: Optional[torch.Generator],
 ) -> tuple[Tensor, Tensor, Tensor, dict[str, int]]:
     """:func:`select_negatives` on one block of queries (already validated); see the module docstring."""
+    num_negatives, range_min, range_max, sampling = m.num_negatives, m.range_min, m.range_max, m.sampling
+    absolute_margin, relative_margin, max_score, min_score = m.absolute_margin, m.relative_margin, m.max_score, m.min_score
+    window_after_filters, temperature = m.window_after_filters, float(m.temperature)
     q, k = scores.shape
     neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
     stats: dict[str, int] = {}
@@ -265,21 +297,12 @@ def select_negatives(
     candidate_ids: Tensor,
     positive_ids: IdsLike,
     positive_scores: Optional[ScoresLike] = None,
+    settings: Optional[MiningSettings] = None,
     *,
-    num_negatives: int,
-    range_min: int = 0,
-    range_max: Optional[int] = None,
-    sampling: Sampling = "top",
-    absolute_margin: Optional[float] = None,
-    relative_margin: Optional[float] = None,
-    max_score: Optional[float] = None,
-    min_score: Optional[float] = None,
-    strict: bool = False,
-    window_after_filters: bool = False,
-    temperature: float = 1.0,
     generator: Optional[torch.Generator] = None,
     exclude_ids: Optional[IdsLike] = None,
     chunk_size: Optional[int] = 16384,
+    **fields: Any,
 ) -> MinedNegatives:
     """Mine ``num_negatives`` negatives per query from index-search candidates (see the module docstring
     for the exact order of operations; cf. sentence-transformers ``mine_hard_negatives``, NV-Retriever).
@@ -291,21 +314,10 @@ def select_negatives(
             ``-1`` padding, or a ``(Q,)`` tensor. Positives are never mined.
         positive_scores: scores of those positives, ``(Q, P)`` aligned with ``positive_ids`` (or a ragged
             list); NaN / ``-inf`` = padding. Needed only by the margins, which use the per-query minimum.
-        num_negatives: negatives per query, ``>= 1``.
-        range_min, range_max: rank window ``[range_min, range_max)`` over the ranking without positives
-            (or over the filter survivors with ``window_after_filters``); ``range_max=None`` = no upper
-            bound (all ``K`` candidates). A window wider than the candidates uses what exists.
-        sampling: ``"top"``, ``"random"`` (uniform) or ``"softmax"`` (``∝ exp(score / temperature)``).
-        absolute_margin: keep ``s <= p - absolute_margin``; ``>= 0``.
-        relative_margin: keep ``s <= p - |p| * relative_margin`` (sign-safe); ``>= 0``. May be combined
-            with ``absolute_margin`` (both apply).
-        max_score, min_score: keep ``min_score <= s <= max_score``.
-        strict: raise a ``ValueError`` (naming the window, ``num_negatives``, ``K`` and the first short
-            queries) when any query gets fewer than ``num_negatives``; by default such rows are padded
-            with ``-1`` and counted in ``stats["queries_short"]``.
-        window_after_filters: rank the window over the score-filter survivors (sentence-transformers'
-            semantics) instead of over the positive-free ranking.
-        temperature: ``> 0``, for ``sampling="softmax"``.
+        settings: the :class:`MiningSettings` (or pass its fields as keyword arguments). A window wider
+            than the candidates uses what exists; with ``strict`` the error names the window,
+            ``num_negatives``, ``K`` and the first short queries, otherwise short rows are padded with
+            ``-1`` and counted in ``stats["queries_short"]``.
         generator: RNG for ``"random"``/``"softmax"`` (on the scores' device); ``None`` = global RNG.
         exclude_ids: extra ids never to mine per query (same formats as ``positive_ids``), e.g. the
             query's own corpus id or known duplicates of its positives.
@@ -315,11 +327,10 @@ def select_negatives(
     Returns:
         :class:`MinedNegatives`.
     """
-    validate_mining_settings(
-        num_negatives=num_negatives, range_min=range_min, range_max=range_max, sampling=sampling,
-        absolute_margin=absolute_margin, relative_margin=relative_margin, max_score=max_score,
-        min_score=min_score, temperature=temperature,
-    )
+    m = MiningSettings.of(settings, fields)
+    num_negatives, range_min, range_max, sampling = m.num_negatives, m.range_min, m.range_max, m.sampling
+    absolute_margin, relative_margin, max_score, min_score = m.absolute_margin, m.relative_margin, m.max_score, m.min_score
+    strict, window_after_filters, temperature = m.strict, m.window_after_filters, m.temperature
     if chunk_size is not None:
         _check_int(chunk_size, "chunk_size", 1)
     if not isinstance(scores, Tensor) or not isinstance(candidate_ids, Tensor):
@@ -361,11 +372,7 @@ def select_negatives(
         sl = slice(start, start + step)
         out = _select_block(
             scores[sl], candidate_ids[sl], pos[sl], None if excl is None else excl[sl],
-            None if p_min is None else p_min[sl],
-            num_negatives=num_negatives, range_min=range_min, range_max=range_max, sampling=sampling,
-            absolute_margin=absolute_margin, relative_margin=relative_margin, max_score=max_score,
-            min_score=min_score, window_after_filters=window_after_filters, temperature=float(temperature),
-            generator=generator,
+            None if p_min is None else p_min[sl], m, generator,
         )
         parts.append(out[:3])
         for key, v in out[3].items():
@@ -390,44 +397,21 @@ def select_negatives(
     return MinedNegatives(ids=ids, scores=out_scores, counts=counts, stats=stats)
 
 
-@SAMPLERS.register("hard_negative_miner")
 class HardNegativeMiner:
     """Thin, configurable shell over :func:`select_negatives` (settings are validated at construction).
 
-    Args: the keyword settings of :func:`select_negatives`, plus ``seed`` for a private RNG used by
-    ``"random"``/``"softmax"`` sampling (``None`` = the global RNG).
+    Args:
+        settings: the :class:`MiningSettings` (or pass its fields as keyword arguments).
+        seed: seed of a private RNG for ``"random"``/``"softmax"`` sampling (``None`` = the global RNG).
+        chunk_size: queries per vectorised block.
 
     Call it as ``miner(scores, candidate_ids, positive_ids, positive_scores=None, exclude_ids=None)``.
     """
 
-    def __init__(
-        self,
-        num_negatives: int,
-        range_min: int = 0,
-        range_max: Optional[int] = None,
-        sampling: Sampling = "top",
-        absolute_margin: Optional[float] = None,
-        relative_margin: Optional[float] = None,
-        max_score: Optional[float] = None,
-        min_score: Optional[float] = None,
-        strict: bool = False,
-        window_after_filters: bool = False,
-        temperature: float = 1.0,
-        seed: Optional[int] = None,
-        chunk_size: Optional[int] = 16384,
-    ) -> None:
-        validate_mining_settings(
-            num_negatives=num_negatives, range_min=range_min, range_max=range_max, sampling=sampling,
-            absolute_margin=absolute_margin, relative_margin=relative_margin, max_score=max_score,
-            min_score=min_score, temperature=temperature,
-        )
-        self.settings = dict(
-            num_negatives=num_negatives, range_min=range_min, range_max=range_max, sampling=sampling,
-            absolute_margin=absolute_margin, relative_margin=relative_margin, max_score=max_score,
-            min_score=min_score, strict=strict, window_after_filters=window_after_filters,
-            temperature=temperature, chunk_size=chunk_size,
-        )
-        self.seed = seed
+    def __init__(self, settings: Optional[MiningSettings] = None, seed: Optional[int] = None,
+                 chunk_size: Optional[int] = 16384, **fields: Any) -> None:
+        self.settings = MiningSettings.of(settings, fields)
+        self.seed, self.chunk_size = seed, chunk_size
         self._generators: dict[str, torch.Generator] = {}
 
     def _generator(self, device: torch.device) -> Optional[torch.Generator]:
@@ -446,11 +430,9 @@ class HardNegativeMiner:
         positive_scores: Optional[ScoresLike] = None,
         exclude_ids: Optional[IdsLike] = None,
     ) -> MinedNegatives:
-        return select_negatives(
-            scores, candidate_ids, positive_ids, positive_scores,
-            exclude_ids=exclude_ids, generator=self._generator(scores.device), **self.settings,
-        )
+        return select_negatives(scores, candidate_ids, positive_ids, positive_scores, self.settings,
+                                exclude_ids=exclude_ids, generator=self._generator(scores.device),
+                                chunk_size=self.chunk_size)
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
-        return f"HardNegativeMiner({args}, seed={self.seed!r})"
+        return f"HardNegativeMiner({self.settings!r}, seed={self.seed!r}, chunk_size={self.chunk_size!r})"

@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from contrastive.registry import SAMPLERS
+from contrastive.samplers.base import Encode, RefreshSchedule
 from contrastive.samplers.table import MinedTable, TableSampler, utc_now
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,11 @@ class NGAMESampler(TableSampler):
     def first_refresh_epoch(self) -> int:
         return self.curriculum_epochs[0] if self.curriculum_epochs else self.refresh_interval
 
+    @property
+    def refresh_schedule(self) -> RefreshSchedule:
+        return RefreshSchedule(every_n_epochs=self.refresh_interval, every_n_steps=None,
+                               start_epoch=self.first_refresh_epoch)
+
     def should_refresh(self, epoch: int) -> bool:
         """Re-cluster before ``epoch`` (NGAME: ``epoch >= curriculum_epochs[0]`` and ``epoch % refresh_interval == 0``)."""
         return epoch >= self.first_refresh_epoch and epoch % self.refresh_interval == 0
@@ -186,8 +192,7 @@ class NGAMESampler(TableSampler):
         return {"epoch": self.epoch, "cluster_size": self.cluster_size_at(self.epoch)}
 
     # -- refresh ------------------------------------------------------------------------------------
-    def refresh(self, encode_queries: Callable[[Sequence[str]], Tensor],
-                encode_documents: Callable[[Sequence[str]], Tensor], step: int) -> dict[str, float]:
+    def refresh(self, encode: Encode, step: int) -> dict[str, float]:
         """Re-cluster the training points with the current model at the nominal size of :attr:`epoch`."""
         self._check_ready()
         n = self.num_rows
@@ -195,8 +200,9 @@ class NGAMESampler(TableSampler):
         k = self.num_clusters_for(c)
         need_docs = self.cluster_on != "query" or self.report_negatives > 0
         need_queries = self.cluster_on != "document" or self.report_negatives > 0
-        q = torch.nn.functional.normalize(encode_queries(self.query_texts).detach().float().cpu(), dim=1) if need_queries else None
-        d = torch.nn.functional.normalize(encode_documents(self.doc_texts).detach().float().cpu(), dim=1) if need_docs else None
+        all_rows = torch.arange(n)
+        q = torch.nn.functional.normalize(encode(all_rows, "anchor").detach().float().cpu(), dim=1) if need_queries else None
+        d = torch.nn.functional.normalize(encode(all_rows, "candidate").detach().float().cpu(), dim=1) if need_docs else None
         for what, e in (("query", q), ("document", d)):
             if e is not None and (e.dim() != 2 or e.shape[0] != n):
                 raise ValueError(f"sampler 'ngame': the {what} encoder returned shape {tuple(e.shape)}, expected ({n}, d)")
@@ -268,10 +274,6 @@ class NGAMESampler(TableSampler):
         self.clustered_size = int(table.header.get("stats", {}).get("cluster_size_nominal", 1)) if clustered else None
         if table.header.get("stats"):
             self.last_stats = {k: float(v) for k, v in table.header["stats"].items()}
-
-    def sample(self, rows: Tensor) -> Tensor:
-        """No extra negatives: NGAME's negatives are the batch-mates."""
-        return torch.full((torch.as_tensor(rows).numel(), 0), -1, dtype=torch.long)
 
     # -- batches ------------------------------------------------------------------------------------
     def batch_order(self, epoch: int, batch_size: int, generator: torch.Generator) -> Optional[list[list[int]]]:

@@ -1,14 +1,15 @@
 """The memory-queue "sampler": negatives are past batches' document embeddings (MoCo, He et al. 2020).
 
-A queue is a property of the model (it lives in :class:`~contrastive.models.dual_encoder.DualEncoderModule`
+A queue is a property of the model (it lives in :class:`~contrastive.models.contrastive.ContrastiveModule`
 buffers and needs its encoders), so :class:`QueueSampler` is a *marker*: it adds no extra documents to the
 batch and only carries the settings that :func:`contrastive.build.build_model` passes to the model as
-``queue_size`` / ``momentum``. Switching is one command-line override: ``sampler=queue``.
+``queue_size`` / ``momentum`` (:meth:`QueueSampler.model_settings`). Switching is one command-line
+override: ``sampler=queue``.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 from contrastive.registry import SAMPLERS
 from contrastive.samplers.base import NegativeSampler
@@ -35,6 +36,9 @@ class QueueSampler(NegativeSampler):
             raise ValueError(f"sampler 'queue': momentum must be in [0, 1] or null; got {momentum!r}")
         self.queue_size = size
         self.momentum = None if momentum is None else float(momentum)
+
+    def model_settings(self) -> dict[str, Any]:
+        return {"queue_size": self.queue_size, "momentum": self.momentum}
 
     def __repr__(self) -> str:
         return f"QueueSampler(size={self.queue_size}, momentum={self.momentum})"

@@ -2,9 +2,9 @@
 
 Rows and ids
 ------------
-Every sampler here works on the **training corpus given to** :meth:`NegativeSampler.setup`: ``N`` records,
-record (row) ``i`` holding query ``query_texts[i]``, its positive document ``doc_texts[i]``, the global
-id ``pair_ids[i]`` and the duplicate group ``dup_group[i]`` (equal non-negative groups are known
+Every sampler here works on the **training rows given to** :meth:`NegativeSampler.setup`: ``N`` rows,
+row ``i`` holding one training pair with the item id ``pair_ids[i]`` and the duplicate group ``dup_group[i]``
+(text samplers also read the row texts ``texts["anchor"][i]`` / ``texts["candidate"][i]``) (equal non-negative groups are known
 duplicates; a negative group means "no known duplicate"). Negatives are **row positions** ``0..N-1``
 into that corpus (``-1`` = none); a collate turns them into documents and ``pair_id`` / ``dup_group``.
 
@@ -45,6 +45,7 @@ one checkpoint is used until the next refresh, methods.md §B7.4).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -320,9 +321,7 @@ class CorpusSampler(NegativeSampler):
         super().__init__(num_negatives=num_negatives)
         self.exclude_duplicates = bool(exclude_duplicates)
         self.seed = int(seed)
-        self.epoch = 0
-        self.query_texts: list[str] = []
-        self.doc_texts: list[str] = []
+        self.texts: dict[str, list[str]] = {}
         self.pair_ids: Optional[Tensor] = None
         self.dup_group: Optional[Tensor] = None
         self._group_key: Optional[Tensor] = None
@@ -338,27 +337,29 @@ class CorpusSampler(NegativeSampler):
         self._check_ready()
         return int(self.pair_ids.shape[0])
 
-    def setup(self, query_texts: Sequence[str], doc_texts: Sequence[str], pair_ids: Tensor,
-              dup_group: Optional[Tensor] = None) -> None:
-        n = len(query_texts)
+    def setup(self, ids: Tensor, groups: Optional[Tensor] = None,
+              texts: Optional[Mapping[str, Sequence[str]]] = None) -> None:
+        pair_ids = torch.as_tensor(ids).long().cpu().view(-1)
+        n = pair_ids.shape[0]
         if n == 0:
-            raise ValueError(f"sampler {self.name!r}: the training corpus is empty (setup got 0 records)")
-        if len(doc_texts) != n:
-            raise ValueError(f"sampler {self.name!r}: {n} query texts but {len(doc_texts)} document texts")
-        pair_ids = torch.as_tensor(pair_ids).long().cpu().view(-1)
-        if pair_ids.shape[0] != n:
-            raise ValueError(f"sampler {self.name!r}: pair_ids has {pair_ids.shape[0]} entries for {n} records")
+            raise ValueError(f"sampler {self.name!r}: the training corpus is empty (setup got 0 rows)")
         if torch.unique(pair_ids).numel() != n:
-            raise ValueError(f"sampler {self.name!r}: pair_ids must be unique within the training corpus")
-        groups = pair_ids.clone() if dup_group is None else torch.as_tensor(dup_group).long().cpu().view(-1)
+            raise ValueError(f"sampler {self.name!r}: the row ids must be unique within the training corpus")
+        groups = pair_ids.clone() if groups is None else torch.as_tensor(groups).long().cpu().view(-1)
         if groups.shape[0] != n:
-            raise ValueError(f"sampler {self.name!r}: dup_group has {groups.shape[0]} entries for {n} records")
+            raise ValueError(f"sampler {self.name!r}: groups has {groups.shape[0]} entries for {n} rows")
+        texts = {k: list(v) for k, v in (texts or {}).items()}
+        for side, t in texts.items():
+            if side not in ("anchor", "candidate"):
+                raise ValueError(f"sampler {self.name!r}: texts keys must be 'anchor' / 'candidate'; got {side!r}")
+            if len(t) != n:
+                raise ValueError(f"sampler {self.name!r}: {len(t)} {side} texts for {n} rows")
         if self.num_negatives > n - 1:
             raise ValueError(
                 f"sampler {self.name!r}: num_negatives={self.num_negatives} is larger than the {n - 1} other "
                 f"records of the training corpus ({n} records); lower num_negatives"
             )
-        self.query_texts, self.doc_texts = list(query_texts), list(doc_texts)
+        self.texts = texts
         self.pair_ids, self.dup_group = pair_ids, groups
         # a comparison key: equal iff same non-negative group; ungrouped rows get unique keys
         top = int(groups.max().clamp_min(0)) + 1
@@ -370,20 +371,29 @@ class CorpusSampler(NegativeSampler):
         self._group_order, self._group_start, self._group_size = order, starts, ends - starts
         self._corpus_fp = None
 
+    def row_texts(self, side: str) -> list[str]:
+        """The texts of every row on ``side`` (``"anchor"`` / ``"candidate"``), for text samplers."""
+        if side not in self.texts:
+            raise ValueError(f"sampler {self.name!r} reads text: its datamodule must pass texts={{'anchor': ..., "
+                             f"'candidate': ...}} to setup (got {sorted(self.texts) or 'none'})")
+        return self.texts[side]
+
     def _check_ready(self) -> None:
         if self.pair_ids is None:
             raise RuntimeError(f"sampler {self.name!r}: setup() was not called (the datamodule passes it the "
                                "training corpus in its setup('fit'))")
 
     def corpus_fingerprint(self) -> str:
-        """sha1 over the training texts, pair ids and duplicate groups (16 hex digits)."""
+        """sha1 over the row ids, duplicate groups and (when given) texts (16 hex digits)."""
         self._check_ready()
         if self._corpus_fp is None:
             h = hashlib.sha1()
             h.update(self.pair_ids.numpy().tobytes())
             h.update(self.dup_group.numpy().tobytes())
-            for q, d in zip(self.query_texts, self.doc_texts):
-                h.update(q.encode("utf-8", "replace") + b"\0" + d.encode("utf-8", "replace") + b"\1")
+            if self.texts:
+                for q, d in zip(self.texts.get("anchor", [""] * self.num_rows),
+                                self.texts.get("candidate", [""] * self.num_rows)):
+                    h.update(q.encode("utf-8", "replace") + b"\0" + d.encode("utf-8", "replace") + b"\1")
             self._corpus_fp = h.hexdigest()[:16]
         return self._corpus_fp
 
@@ -411,10 +421,6 @@ class CorpusSampler(NegativeSampler):
         self._check_ready()
         safe = others.clamp_min(0)
         return (self._group_key[safe] == self._group_key[rows].view(-1, *([1] * (others.dim() - 1)))) & (others >= 0)
-
-    def set_epoch(self, epoch: int) -> None:
-        """The current training epoch (seeds per-epoch random draws; set by the batch sampler / callback)."""
-        self.epoch = int(epoch)
 
     # -- random draws -------------------------------------------------------------------------------
     def draw_random(self, rows: Tensor, k: int, avoid: Optional[Tensor] = None, salt: int = 0,
@@ -493,6 +499,9 @@ class TableSampler(CorpusSampler):
             lookup = torch.cat([lookup, lookup.new_full((lookup.shape[0], k - lookup.shape[1]), -1)], dim=1)
         self._lookup = lookup[:, :k].contiguous()
 
+    def mined_table(self) -> Optional[MinedTable]:
+        return self.table
+
     def warmup_sample(self, rows: Tensor) -> Tensor:
         """Negatives before the first table: none (``-1``); subclasses override."""
         return torch.full((rows.shape[0], self.num_negatives), -1, dtype=torch.long)
@@ -518,7 +527,7 @@ def mine_table(
     query_rows: Tensor,
     positive_scores: Optional[Tensor],
     *,
-    mining: Mapping[str, Any],
+    mining: Any,
     filters: Optional[Any] = None,
     seed: int = 0,
     fill_random: bool = False,
@@ -546,7 +555,7 @@ def mine_table(
         candidate_rows: ``(Q, K)`` long candidate document rows (``-1`` padding).
         query_rows: ``(Q,)`` long query rows.
         positive_scores: ``(Q,)`` float query–positive scores, or ``None`` (margins then unavailable).
-        mining: keyword settings of ``select_negatives`` (``num_negatives``, ``range_min``, ...).
+        mining: the :class:`~contrastive.samplers.mining.MiningSettings`.
         filters: a ``FilterChain`` or ``None``.
         seed: seed of the ``"random"`` / ``"softmax"`` sampling.
         anchor_embeddings, corpus_embeddings: ``(Q, d)`` / ``(N, d)`` for embedding-based filters.
@@ -567,9 +576,9 @@ def mine_table(
     scores = scores.detach().float().cpu()
     candidate_rows = candidate_rows.long().cpu()
     pos = None if positive_scores is None else torch.as_tensor(positive_scores).detach().float().cpu().view(-1)
-    k = int(mining["num_negatives"])
-    settings = dict(mining)
-    strict = bool(settings.pop("strict", False))
+    k = int(mining.num_negatives)
+    strict = bool(mining.strict)
+    settings = dataclasses.replace(mining, strict=False)
     gen_before = torch.Generator().manual_seed(int(seed))
     gen_after = torch.Generator().manual_seed(int(seed))
     out_ids, out_scores, before_ids, before_scores = [], [], [], []
@@ -580,7 +589,7 @@ def mine_table(
         sl = slice(start, start + chunk_size)
         s, c, r = scores[sl], candidate_rows[sl], query_rows[sl]
         p = None if pos is None else pos[sl]
-        before = select_negatives(s, c, r, p, generator=gen_before, **settings)
+        before = select_negatives(s, c, r, p, settings, generator=gen_before)
         before_ids.append(before.ids)
         before_scores.append(before.scores)
         cand = c
@@ -598,7 +607,7 @@ def mine_table(
                 filter_removed[name] = filter_removed.get(name, 0) + v
             filter_total += res.total_removed
         excl = sampler.duplicate_rows(r) if sampler.exclude_duplicates else None
-        after = select_negatives(s, cand, r, p, generator=gen_after, exclude_ids=excl, strict=False, **settings)
+        after = select_negatives(s, cand, r, p, settings, generator=gen_after, exclude_ids=excl)
         _sum_stats(stats, after.stats)
         out_ids.append(after.ids)
         out_scores.append(after.scores)
@@ -610,7 +619,7 @@ def mine_table(
         raise ValueError(
             f"sampler {sampler.name!r} (strict=True): {len(short)} of {q} queries got fewer than num_negatives={k} "
             f"negatives (query row {int(query_rows[short[0]])} got {int(counts[short[0]])}) with "
-            f"range_min={settings.get('range_min', 0)}, range_max={settings.get('range_max')} over "
+            f"range_min={mining.range_min}, range_max={mining.range_max} over "
             f"K={scores.shape[1]} candidates; removed: "
             f"{ {kk: v for kk, v in stats.items() if kk.startswith('removed_') and v} }, filters: {filter_removed}. "
             "Widen [range_min, range_max), lower num_negatives, relax the margins/filters or set strict=false."
@@ -649,66 +658,32 @@ def mine_table(
 
 # ------------------------------------------------------------------------------------------ settings
 def resolve_filters(filters: Optional[Sequence[Any]], setting: str = "sampler.filters") -> Optional[Any]:
-    """A :class:`~contrastive.filters.FilterChain` from ``NegativeFilter`` objects or, from YAML, filter
-    specs (``{"name": "positive_aware", "perc": 0.95}`` or ``"known_duplicates"``); ``None`` if empty."""
+    """A :class:`~contrastive.filters.FilterChain` of ``NegativeFilter`` objects, or ``None`` if empty
+    (YAML specs are built by :func:`contrastive.build.build_sampler`)."""
     if not filters:
         return None
     from contrastive.filters import FilterChain, NegativeFilter
 
-    built = []
     for i, f in enumerate(filters):
-        if isinstance(f, NegativeFilter):
-            built.append(f)
-        elif isinstance(f, (str, Mapping)):
-            from contrastive.build import build_component
-            from contrastive.registry import FILTERS
-
-            built.append(build_component(FILTERS, dict(f) if isinstance(f, Mapping) else f))
-        else:
-            raise TypeError(f"{setting}[{i}] must be a NegativeFilter or a filter spec with a 'name'; got {type(f).__name__}")
-    return FilterChain(built)
+        if not isinstance(f, NegativeFilter):
+            raise TypeError(f"{setting}[{i}] must be a NegativeFilter (build YAML specs with "
+                            f"contrastive.build.build_filters); got {type(f).__name__}")
+    return FilterChain(list(filters))
 
 
-def mining_settings(
-    *,
-    num_negatives: int,
-    range_min: int,
-    range_max: Optional[int],
-    sampling: str,
-    absolute_margin: Optional[float],
-    relative_margin: Optional[float],
-    max_score: Optional[float],
-    min_score: Optional[float],
-    strict: bool,
-    window_after_filters: bool,
-    temperature: float,
-    sampler_name: str,
-) -> dict[str, Any]:
-    """Validate the mining controls (errors name the setting) and return them as ``select_negatives``
-    keyword arguments. With ``strict``, a window narrower than ``num_negatives`` is rejected up front."""
-    from contrastive.samplers.mining import validate_mining_settings
-
-    try:
-        validate_mining_settings(
-            num_negatives=num_negatives, range_min=range_min, range_max=range_max, sampling=sampling,
-            absolute_margin=absolute_margin, relative_margin=relative_margin, max_score=max_score,
-            min_score=min_score, temperature=temperature,
-        )
-    except ValueError as e:
-        raise ValueError(f"sampler {sampler_name!r}: {e}") from None
-    if strict and range_max is not None and range_max - range_min < num_negatives:
+def checked_mining(mining: Any, sampler_name: str) -> Any:
+    """``mining`` (:class:`~contrastive.samplers.mining.MiningSettings`) after the sampler-level check:
+    with ``strict``, a window narrower than ``num_negatives`` is rejected up front."""
+    if mining.strict and mining.range_max is not None and mining.range_max - mining.range_min < mining.num_negatives:
         raise ValueError(
-            f"sampler {sampler_name!r}: the rank window [range_min={range_min}, range_max={range_max}) holds "
-            f"{range_max - range_min} candidates, fewer than num_negatives={num_negatives} (strict=true); widen "
-            "the window or lower num_negatives"
+            f"sampler {sampler_name!r}: the rank window [range_min={mining.range_min}, range_max={mining.range_max}) "
+            f"holds {mining.range_max - mining.range_min} candidates, fewer than num_negatives={mining.num_negatives} "
+            "(strict=true); widen the window or lower num_negatives"
         )
-    return dict(num_negatives=num_negatives, range_min=range_min, range_max=range_max, sampling=sampling,
-                absolute_margin=absolute_margin, relative_margin=relative_margin, max_score=max_score,
-                min_score=min_score, strict=strict, window_after_filters=window_after_filters,
-                temperature=temperature)
+    return mining
 
 
-def candidate_depth(mining: Mapping[str, Any], num_rows: int, max_group_size: int, slack: int,
+def candidate_depth(mining: Any, num_rows: int, max_group_size: int, slack: int,
                     filtered: bool, sampler_name: str) -> int:
     """How many candidates to retrieve per query so that the rank window survives the removals.
 
@@ -717,7 +692,7 @@ def candidate_depth(mining: Mapping[str, Any], num_rows: int, max_group_size: in
     duplicates (``max_group_size``) plus ``slack``; capped at the corpus size ``N``. A ``range_max``
     beyond the ``N - 1`` non-positive documents raises, naming it.
     """
-    rmin, rmax, k = int(mining.get("range_min", 0)), mining.get("range_max"), int(mining["num_negatives"])
+    rmin, rmax, k = int(mining.range_min), mining.range_max, int(mining.num_negatives)
     if rmax is not None and rmax > num_rows - 1:
         raise ValueError(
             f"sampler {sampler_name!r}: range_max={rmax} is larger than the {num_rows - 1} non-positive documents "
@@ -728,6 +703,7 @@ def candidate_depth(mining: Mapping[str, Any], num_rows: int, max_group_size: in
             f"sampler {sampler_name!r}: range_min={rmin} skips too many of the {num_rows - 1} non-positive documents "
             f"to leave num_negatives={k}; lower range_min"
         )
-    scored = any(mining.get(key) is not None for key in ("absolute_margin", "relative_margin", "max_score", "min_score"))
+    scored = any(v is not None for v in (mining.absolute_margin, mining.relative_margin, mining.max_score,
+                                         mining.min_score))
     width = int(rmax) if rmax is not None else rmin + k * (10 if (scored or filtered) else 1)
     return max(1, min(num_rows, width + max_group_size + int(slack)))

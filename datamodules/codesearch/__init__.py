@@ -8,8 +8,9 @@ from datamodules.codesearch.corpus import (
 )
 from datamodules.codesearch.datamodule import CodeSearchDataModule
 from datamodules.codesearch.jsonl import build_jsonl_corpus
+from datamodules.codesearch.model import DualEncoderModule, pair_batch
 
 __all__ = [
-    "BadInputReport", "CodePair", "CodeSearchCorpus", "CodeSearchDataModule", "CorpusError",
-    "build_jsonl_corpus", "build_local_corpus", "default_cache_dir", "default_roots",
+    "BadInputReport", "CodePair", "CodeSearchCorpus", "CodeSearchDataModule", "CorpusError", "DualEncoderModule",
+    "build_jsonl_corpus", "build_local_corpus", "default_cache_dir", "default_roots", "pair_batch",
 ]

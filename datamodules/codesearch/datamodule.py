@@ -308,55 +308,42 @@ class CodeSearchDataModule(L.LightningDataModule):
         for s in splits:
             self._dataset(s)
         if "train" in splits:
-            self._setup_sampler()
+            self._attach_sampler()
 
-    def _setup_sampler(self) -> None:
-        """Give the sampler the training split (row ``i`` = train dataset item ``i``), once per corpus."""
-        if self.sampler is None or self._sampler_corpus == self._ensure_corpus().fingerprint:
-            return
-        records, ds = self._ensure_corpus().records("train"), self._dataset("train")
-        self.sampler.setup([r.query for r in records], [r.document for r in records], ds.pair_ids, ds.dup_groups)
-        self._sampler_corpus = self._ensure_corpus().fingerprint
+    def _attach_sampler(self) -> DataLoader:
+        """The training loader with the sampler wired in (:func:`contrastive.samplers.collate.attach_sampler`);
+        the sampler is set up once per corpus on the train split (row ``i`` = train item ``i``)."""
+        from contrastive.samplers.collate import TextRows, TextItems, TokenizerEncoder, attach_sampler
+
+        ds = self._dataset("train")
+        fingerprint = self._ensure_corpus().fingerprint
+        records = self.records("train")
+        encode = TokenizerEncoder(self.tokenizer, self.max_doc_length)
+        loader = attach_sampler(
+            self.sampler, ds, ids=ds.pair_ids, groups=ds.dup_groups,
+            base_collate=PairCollate(ds, self.tokenizer.pad_id),
+            candidate_inputs=TextRows([r.document for r in records], encode), generated_inputs=TextItems(encode),
+            texts={"anchor": [r.query for r in records], "candidate": [r.document for r in records]},
+            setup=self._sampler_corpus != fingerprint, batch_size=self.batch_size, seed=self.seed,
+            num_workers=self.num_workers)
+        self._sampler_corpus = fingerprint
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         ds = self._dataset("train")
         if len(ds) < self.batch_size:
             raise CorpusError(f"codesearch: the train split has {len(ds)} pairs, fewer than batch_size={self.batch_size} "
                               f"(drop_last=True would give no batch)")
-        if self.sampler is not None:
-            loader = self._sampler_train_loader(ds)
-            if loader is not None:
-                return loader
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
-                          collate_fn=PairCollate(ds, self.tokenizer.pad_id), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return self._attach_sampler()
 
-    def _sampler_train_loader(self, ds: PairDataset) -> DataLoader | None:
-        """Train loader wired with the negative sampler (see :mod:`contrastive.samplers.collate`): extra
-        negatives through :class:`NegativeCollate`, batch order through :class:`SamplerBatchSampler` (NGAME,
-        or per-epoch negatives on a single process); ``None`` for in-batch samplers (the plain loader)."""
-        from contrastive.samplers.collate import (NegativeCollate, SamplerBatchSampler, TokenizerEncoder,
-                                                  _is_distributed, shapes_batches)
-
-        self._setup_sampler()
-        sampler, records = self.sampler, self.records("train")
-        collate: Any = PairCollate(ds, self.tokenizer.pad_id)
-        extra = int(getattr(sampler, "num_negatives", 0) or 0) > 0
-        if extra:
-            collate = NegativeCollate(collate, sampler, [r.document for r in records], ds.pair_ids, ds.dup_groups,
-                                      TokenizerEncoder(self.tokenizer, self.max_doc_length), seed=self.seed)
-        if not (shapes_batches(sampler) or (extra and not _is_distributed())):
-            if not extra:
-                return None
-            g = torch.Generator().manual_seed(self.seed)
-            return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
-                              collate_fn=collate, num_workers=self.num_workers, persistent_workers=False)
-        # per-epoch / refreshed negatives must reach the workers: no persistent workers with extra negatives
-        persistent = self.num_workers > 0 and not extra
-        batches = SamplerBatchSampler(sampler, len(ds), self.batch_size, seed=self.seed, drop_last=True)
-        return DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=self.num_workers,
-                          persistent_workers=persistent)
+    def row_inputs(self, rows: Sequence[int], side: str) -> dict[str, Tensor]:
+        """Tower inputs of training ``rows``: the tokenized queries (``side="anchor"``) or documents
+        (``"candidate"``), ``{"ids": (R, L), "mask": (R, L)}`` (the refresh of model-dependent samplers)."""
+        if side not in ("anchor", "candidate"):
+            raise ValueError(f"side must be 'anchor' or 'candidate'; got {side!r}")
+        ds = self._dataset("train")
+        ids, mask = (ds.queries if side == "anchor" else ds.docs).pad(list(rows), self.tokenizer.pad_id)
+        return {"ids": ids, "mask": mask}
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self._dataset(split)
