@@ -7,7 +7,7 @@ the current model (FAISS hard negatives) are refreshed by a callback through :me
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -43,6 +43,14 @@ class NegativeSampler:
     def batch_order(self, epoch: int, batch_size: int, generator: torch.Generator) -> Optional[list[list[int]]]:
         """Optional: the training batches of ``epoch`` as lists of row positions (``None``: shuffle)."""
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """State a resumed run needs beyond the constructor arguments and the refreshed table (restored by
+        the refresh callback); saved in every checkpoint. Default: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output. Default: nothing to restore."""
 
     def refresh(self, encode_queries: Callable[[Sequence[str]], Tensor],
                 encode_documents: Callable[[Sequence[str]], Tensor], step: int) -> dict[str, float]:

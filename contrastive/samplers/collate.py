@@ -263,7 +263,15 @@ class SamplerBatchSampler(Sampler[list[int]]):
         self.seed, self.drop_last = int(seed), bool(drop_last)
         self.num_replicas, self.rank = int(num_replicas), int(rank)
         self.epoch = 0
+        self._skip = 0
         self.sampler = _EpochRows(self)
+
+    def skip_next(self, batches: int) -> None:
+        """Start the next iteration after its first ``batches`` local batches (exact mid-epoch resume;
+        :class:`~contrastive.callbacks.resume.ResumeStateCallback` calls it). The length is unchanged."""
+        if batches < 0:
+            raise ValueError(f"SamplerBatchSampler.skip_next: batches must be >= 0; got {batches}")
+        self._skip = int(batches)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -301,7 +309,8 @@ class SamplerBatchSampler(Sampler[list[int]]):
         return order[self.rank:usable:self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.local_batches()
+        skip, self._skip = self._skip, 0
+        yield from self.local_batches()[skip:]
 
     def __len__(self) -> int:
         return len(self.local_batches())

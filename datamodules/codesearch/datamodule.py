@@ -327,10 +327,23 @@ class CodeSearchDataModule(L.LightningDataModule):
             loader = self._sampler_train_loader(ds)
             if loader is not None:
                 return loader
+        return self._shuffled_loader(ds, PairCollate(ds, self.tokenizer.pad_id), self.num_workers > 0)
+
+    def _shuffled_loader(self, ds: PairDataset, collate: Any, persistent: bool) -> DataLoader:
+        """Seeded shuffle of whole batches, reproducible per epoch and resumable mid-epoch
+        (:class:`~contrastive.data.resumable.ShuffleBatchSampler`); under DDP a plain shuffled loader that
+        Lightning shards with its distributed sampler."""
+        from contrastive.samplers.collate import _is_distributed
+
         g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
-                          collate_fn=PairCollate(ds, self.tokenizer.pad_id), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        if _is_distributed():
+            return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
+                              collate_fn=collate, num_workers=self.num_workers, persistent_workers=persistent)
+        from contrastive.data.resumable import ShuffleBatchSampler
+
+        batches = ShuffleBatchSampler(len(ds), self.batch_size, seed=self.seed, drop_last=True)
+        return DataLoader(ds, batch_sampler=batches, generator=g, collate_fn=collate, num_workers=self.num_workers,
+                          persistent_workers=persistent)
 
     def _sampler_train_loader(self, ds: PairDataset) -> DataLoader | None:
         """Train loader wired with the negative sampler (see :mod:`contrastive.samplers.collate`): extra
@@ -349,9 +362,7 @@ class CodeSearchDataModule(L.LightningDataModule):
         if not (shapes_batches(sampler) or (extra and not _is_distributed())):
             if not extra:
                 return None
-            g = torch.Generator().manual_seed(self.seed)
-            return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
-                              collate_fn=collate, num_workers=self.num_workers, persistent_workers=False)
+            return self._shuffled_loader(ds, collate, False)
         # per-epoch / refreshed negatives must reach the workers: no persistent workers with extra negatives
         persistent = self.num_workers > 0 and not extra
         batches = SamplerBatchSampler(sampler, len(ds), self.batch_size, seed=self.seed, drop_last=True)
