@@ -8,19 +8,18 @@ import os
 import signal
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import tiny_codesearch
+
 from contrastive.cli import main
-from contrastive.runs import snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 EXP = ROOT / "configs" / "codesearch" / "infonce.yaml"
-STD = Path(sysconfig.get_paths()["stdlib"])
 
 SAMPLERS = {
     "in_batch": [],
@@ -30,13 +29,7 @@ SAMPLERS = {
 
 
 def tiny(cache: Path, out: Path) -> list[str]:
-    roots = ",".join(str(STD / p) for p in ("json", "email", "http", "xml", "logging", "urllib", "concurrent", "importlib"))
-    return [f"data.path=[{roots}]", f"data.cache_dir={cache}", "data.max_pairs=600", "data.vocab_size=600",
-            "data.batch_size=16", "data.max_doc_length=48", "data.split_method=balanced", "data.eval_batch_size=64",
-            "model.encoder.dim=16", "model.encoder.ff_dim=32", "model.encoder.num_layers=1", "model.projection_dim=16",
-            "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.log_every_n_steps=1",
-            "trainer.enable_progress_bar=false", "optim.warmup_steps=2", f"run.output_dir={out}",
-            "run.checkpoint_every_n_steps=3", "run.test_after_fit=false", "run.num_threads=1", "eval.bm25_baseline=false"]
+    return tiny_codesearch(cache, out)
 
 
 KILLER = textwrap.dedent('''
