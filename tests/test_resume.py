@@ -25,7 +25,9 @@ SAMPLERS = {
     "in_batch": [],
     "faiss_hard": ["sampler=faiss_hard", "sampler.refresh_every_n_steps=5", "callbacks.refresh.progress_bar=false"],
     "queue": ["sampler=queue", "sampler.size=40"],
+    "ngame": ["sampler=ngame", "callbacks.refresh.progress_bar=false"],
 }
+_REFERENCES: dict[str, Path] = {}
 
 
 def tiny(cache: Path, out: Path) -> list[str]:
@@ -71,19 +73,30 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("resume_cache")
 
 
+@pytest.fixture(scope="module")
+def reference(cache, tmp_path_factory):
+    """The uninterrupted run of a sampler (made once per module)."""
+    def make(sampler: str) -> Path:
+        if sampler not in _REFERENCES:
+            out = tmp_path_factory.mktemp(f"ref_{sampler}")
+            assert main(["fit", str(EXP), *tiny(cache, out), *SAMPLERS[sampler]]) == 0
+            _REFERENCES[sampler] = run_dir(out)
+        return _REFERENCES[sampler]
+    return make
+
+
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
-def test_kill_mid_epoch_then_resume_is_bit_identical(sampler, cache, tmp_path):
+def test_kill_mid_epoch_then_resume_is_bit_identical(sampler, cache, reference, tmp_path):
     """Steps 1-4 are epoch 0, 5-8 epoch 1; step checkpoints at 3 and 6, so killing after step 7 resumes
     from step 6, in the middle of epoch 1 (after a refresh at the start of the epoch and one at step 5 for
     faiss_hard; with a queue holding entries of both epochs)."""
     extra = SAMPLERS[sampler]
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    assert main(["fit", str(EXP), *tiny(cache, ref), *extra]) == 0
+    killed = tmp_path / "killed"
     fit_killed([*tiny(cache, killed), *extra], step=7)
     assert not (run_dir(killed) / "results.json").exists()
     assert torch.load(run_dir(killed) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     assert main(["fit", str(EXP), *tiny(cache, killed), *extra, "--resume"]) == 0
-    w_ref, opt_ref, rows_ref = final_state(run_dir(ref))
+    w_ref, opt_ref, rows_ref = final_state(reference(sampler))
     w_res, opt_res, rows_res = final_state(run_dir(killed))
     assert w_ref.keys() == w_res.keys()
     for k in w_ref:
@@ -97,12 +110,11 @@ def test_kill_mid_epoch_then_resume_is_bit_identical(sampler, cache, tmp_path):
     assert any(r.get("val/mrr") for r in rows_ref)
 
 
-def test_kill_in_first_epoch_resumes_from_the_step_checkpoint(cache, tmp_path):
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    assert main(["fit", str(EXP), *tiny(cache, ref)]) == 0
+def test_kill_in_first_epoch_resumes_from_the_step_checkpoint(cache, reference, tmp_path):
+    killed = tmp_path / "killed"
     fit_killed(tiny(cache, killed), step=4)  # dies after step 4 (before its epoch-end checkpoint)
     assert torch.load(run_dir(killed) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     assert main(["fit", str(EXP), *tiny(cache, killed), "--resume"]) == 0
-    (w_ref, _, rows_ref), (w_res, _, rows_res) = final_state(run_dir(ref)), final_state(run_dir(killed))
+    (w_ref, _, rows_ref), (w_res, _, rows_res) = final_state(reference("in_batch")), final_state(run_dir(killed))
     assert all(torch.equal(w_ref[k], w_res[k]) for k in w_ref)
     assert rows_res == rows_ref

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -111,6 +112,9 @@ class ResumeStateCallback(Callback):
         if self.sampler is not None and "sampler" in state and callable(getattr(self.sampler, "load_state_dict", None)):
             self.sampler.load_state_dict(state["sampler"])
         self._pending = dict(state)
+        # Lightning warns that a mid-epoch resume is unreliable unless the dataloader itself is stateful;
+        # here the batch sampler skips the trained batches (on_train_start), so the warning does not apply
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         state = self._pending

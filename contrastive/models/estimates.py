@@ -103,7 +103,9 @@ def _load_frozen_run(run_dir: str, checkpoint: Optional[str]) -> nn.Module:
     tok = BPETokenizer.load(str(run / "tokenizer"))
     model = build.build_model(cfg, tok.vocab_size, build.build_loss(cfg["loss"]))
     ckpt = find_checkpoint(run, checkpoint)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    from contrastive.runs import read_checkpoint
+
+    state = read_checkpoint(ckpt)  # names the file and says what is wrong with it
     model.load_state_dict(state["state_dict"], strict=False)
     model.eval().requires_grad_(False)
     return model
