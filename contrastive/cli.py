@@ -20,7 +20,7 @@ import platform
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 log = logging.getLogger("contrastive")
 
@@ -161,81 +161,20 @@ def building(section: str) -> Iterator[None]:
         raise ConfigError(f"{section}: {msg}") from e
 
 
-class _MarkStarted:
-    """A callback marking a new run directory as started (kept even if training fails later)."""
+class _OnStart:
+    """A callback run when training starts: marks a new run directory as started (kept even if training
+    fails later) and writes what only a started run may write (its ``config.yaml``)."""
 
-    def __new__(cls, run_dir: Path) -> Any:
+    def __new__(cls, run_dir: Path, write: Callable[[], None]) -> Any:
         from lightning.pytorch.callbacks import Callback
 
-        class MarkStarted(Callback):
+        class OnStart(Callback):
             def on_train_start(self, trainer: Any, pl_module: Any) -> None:
                 keep_run_dir(run_dir)
+                if trainer.is_global_zero:
+                    write()
 
-        return MarkStarted()
-
-
-def save_results(run_dir: Path, results: dict) -> None:
-    from contrastive.io import atomic_write_text
-
-    path = run_dir / "results.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    previous.update(results)
-    atomic_write_text(path, json.dumps(previous, indent=2, sort_keys=True))
-
-
-def format_table(rows: dict[str, dict[str, float]], keys: Sequence[str]) -> str:
-    head = "| system | " + " | ".join(keys) + " |"
-    sep = "|---" * (len(keys) + 1) + "|"
-    lines = [head, sep]
-    for system, m in rows.items():
-        lines.append(f"| {system} | " + " | ".join(f"{m[k]:.4f}" if k in m else "-" for k in keys) + " |")
-    return "\n".join(lines)
-
-
-REPORT_KEYS = ("mrr", "recall@1", "recall@5", "recall@10", "ndcg@10", "filtered_mrr", "csn_mrr")
-
-
-def evaluate(job: Job, trainer: Any, ckpt: Optional[str]) -> dict[str, Any]:
-    """Test the model on the test split (full corpus + CSN-style MRR) and the BM25 baseline beside it."""
-    job.datamodule.setup("test")
-    trainer.test(job.model, datamodule=job.datamodule, ckpt_path=ckpt, verbose=False)
-    model_m = {k.split("/", 1)[1]: v for k, v in job.model.last_metrics.items() if k.startswith("test/")}
-    rows = {"model": model_m}
-    results: dict[str, Any] = {"test": model_m, "checkpoint": ckpt, "device": device_info(trainer)}
-    if (job.cfg.get("eval") or {}).get("bm25_baseline", True) and trainer.is_global_zero:
-        bm = bm25_baseline_for(job.datamodule)
-        if bm is not None:
-            rows["bm25"] = bm
-            results["bm25"] = bm
-    if trainer.is_global_zero:
-        print(f"\nTest retrieval on {int(model_m.get('corpus_size', 0))} documents ({job.cfg['experiment']}):")
-        print(format_table(rows, REPORT_KEYS))
-        save_results(job.run_dir, results)
-    return results
-
-
-def device_info(trainer: Any) -> dict[str, Any]:
-    """Where the run trained and tested (recorded in ``results.json``, since speed and float rounding
-    depend on it): device type, its name, and the torch and CUDA versions."""
-    import torch
-
-    dev = trainer.strategy.root_device
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
-    return {"type": dev.type, "name": name, "count": int(trainer.num_devices), "torch": torch.__version__,
-            "cuda": torch.version.cuda if dev.type == "cuda" else None}
-
-
-def bm25_baseline_for(datamodule: Any) -> Optional[dict[str, float]]:
-    corpus = getattr(datamodule, "corpus", None)
-    if corpus is None or not hasattr(corpus, "records"):
-        return None
-    import torch
-
-    from contrastive.baselines.bm25 import bm25_baseline
-
-    recs = sorted(corpus.records("test"), key=lambda r: r.id)
-    positive = torch.arange(len(recs))
-    return {k: float(v) for k, v in bm25_baseline([r.query for r in recs], [r.document for r in recs], positive).items()}
+        return OnStart()
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -250,13 +189,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return _resume(args)
 
 
-def _fit(job: Job, cfg: dict, ckpt: Optional[str], resume_step: Optional[int]) -> int:
+def _fit(job: Job, cfg: dict, ckpt: Optional[str], resume_step: Optional[int],
+         before_start: Callable[[], None] = lambda: None) -> int:
+    """Train ``job`` (from ``ckpt`` when resuming). The run's ``config.yaml`` (and ``before_start``'s
+    files) are written once training has started, so a run that fails before is left as it was."""
     from contrastive.config.loader import save_resolved
     from omegaconf import OmegaConf
 
     run_dir = job.run_dir
-    trainer = job.trainer(callbacks_extra=[_MarkStarted(run_dir)], resume_step=resume_step)
-    save_resolved(OmegaConf.create(job.cfg), run_dir / "config.yaml")
+
+    def write() -> None:
+        before_start()
+        save_resolved(OmegaConf.create(job.cfg), run_dir / "config.yaml")
+
+    trainer = job.trainer(callbacks_extra=[_OnStart(run_dir, write)], resume_step=resume_step)
     print(f"Run directory: {run_dir}")
     trainer.fit(job.model, datamodule=job.datamodule, ckpt_path=ckpt)
     if (cfg.get("run") or {}).get("test_after_fit", True):
@@ -304,12 +250,16 @@ def _resume(args: argparse.Namespace) -> int:
     job = Job(cfg, run_dir)
     check_state_dict(job.model, state, ckpt)
     print(f"Resuming {run_dir} from {ckpt} (step {int(state.get('global_step', 0))})")
-    if diff:  # explicit: keep the config the run was trained with beside the new one
+
+    def keep_old_config() -> None:  # explicit change: keep the config the run was trained with beside the new one
+        if not diff:
+            return
         n = len(list(run_dir.glob("config.before_resume_*.yaml")))
         atomic_write_text(run_dir / f"config.before_resume_{n}.yaml", saved_path.read_text(encoding="utf-8"))
         print(f"Config changed on resume ({format_diff(diff)}); the previous one is kept as "
               f"{run_dir / f'config.before_resume_{n}.yaml'}")
-    return _fit(job, cfg, str(ckpt), int(state.get("global_step", 0)))
+
+    return _fit(job, cfg, str(ckpt), int(state.get("global_step", 0)), before_start=keep_old_config)
 
 
 def _load_for_eval(args: argparse.Namespace, command: str, stack: contextlib.ExitStack) -> tuple[Job, Optional[str]]:
@@ -337,11 +287,17 @@ def _load_for_eval(args: argparse.Namespace, command: str, stack: contextlib.Exi
     cfg = load_config(config_path, args.overrides)
     ckpt = None if args.untrained else find_checkpoint(run_dir, explicit)
     state = read_checkpoint(ckpt) if ckpt else None
-    if run_dir is None or args.untrained:  # results of a config + checkpoint or an untrained model: a new run
+    fresh = run_dir is None or args.untrained
+    if fresh:  # results of a config + checkpoint or an untrained model: a new run
         run_dir = stack.enter_context(new_run_dir(output_root(cfg)))
     job = Job(cfg, run_dir)
     if state is not None:
         check_state_dict(job.model, state, ckpt)
+    if fresh:
+        from contrastive.config.loader import save_resolved
+        from omegaconf import OmegaConf
+
+        save_resolved(OmegaConf.create(cfg), run_dir / "config.yaml")
     if args.untrained:
         print(f"Evaluating an untrained model (--untrained); results in {run_dir}")
     return job, ckpt
