@@ -26,8 +26,9 @@ log = logging.getLogger("contrastive")
 
 EXIT_USER_ERROR = 2
 
+from contrastive.config.errors import ConfigError  # noqa: E402
 from contrastive.runs import (CheckpointError, UserError, check_state_dict, config_diff,  # noqa: E402
-                              format_diff, keep_run_dir, new_run_dir, newest_valid_checkpoint, next_version_dir,
+                              format_diff, is_started, keep_run_dir, new_run_dir, newest_valid_checkpoint, next_version_dir,
                               read_checkpoint)
 
 
@@ -142,19 +143,24 @@ class Job:
             *callbacks_extra,
             step_ckpt,  # last: a step checkpoint includes what the other callbacks did at that step
         ]
-        return L.Trainer(default_root_dir=str(self.run_dir), logger=loggers, callbacks=callbacks,
-                         plugins=[atomic_checkpoint_io()], **trainer_kwargs(self.cfg))
+        with building("trainer"):
+            return L.Trainer(default_root_dir=str(self.run_dir), logger=loggers, callbacks=callbacks,
+                             plugins=[atomic_checkpoint_io()], **trainer_kwargs(self.cfg))
+
+
+def _misconfiguration() -> type:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return MisconfigurationException
 
 
 @contextlib.contextmanager
 def building(section: str) -> Iterator[None]:
     """Turn a constructor's ``ValueError``/``TypeError`` (bad settings) into a config error naming the
     config section, so that it exits 2 like every other user error."""
-    from contrastive.config.errors import ConfigError
-
     try:
         yield
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, _misconfiguration()) as e:
         if isinstance(e, ConfigError):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -175,6 +181,70 @@ class _OnStart:
                     write()
 
         return OnStart()
+
+
+def save_results(run_dir: Path, results: dict) -> None:
+    from contrastive.io import atomic_write_text
+
+    path = run_dir / "results.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    previous.update(results)
+    atomic_write_text(path, json.dumps(previous, indent=2, sort_keys=True))
+
+
+def format_table(rows: dict[str, dict[str, float]], keys: Sequence[str]) -> str:
+    head = "| system | " + " | ".join(keys) + " |"
+    sep = "|---" * (len(keys) + 1) + "|"
+    lines = [head, sep]
+    for system, m in rows.items():
+        lines.append(f"| {system} | " + " | ".join(f"{m[k]:.4f}" if k in m else "-" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+REPORT_KEYS = ("mrr", "recall@1", "recall@5", "recall@10", "ndcg@10", "filtered_mrr", "csn_mrr")
+
+
+def evaluate(job: Job, trainer: Any, ckpt: Optional[str]) -> dict[str, Any]:
+    """Test the model on the test split (full corpus + CSN-style MRR) and the BM25 baseline beside it."""
+    job.datamodule.setup("test")
+    trainer.test(job.model, datamodule=job.datamodule, ckpt_path=ckpt, verbose=False)
+    model_m = {k.split("/", 1)[1]: v for k, v in job.model.last_metrics.items() if k.startswith("test/")}
+    rows = {"model": model_m}
+    results: dict[str, Any] = {"test": model_m, "checkpoint": ckpt, "device": device_info(trainer)}
+    if (job.cfg.get("eval") or {}).get("bm25_baseline", True) and trainer.is_global_zero:
+        bm = bm25_baseline_for(job.datamodule)
+        if bm is not None:
+            rows["bm25"] = bm
+            results["bm25"] = bm
+    if trainer.is_global_zero:
+        print(f"\nTest retrieval on {int(model_m.get('corpus_size', 0))} documents ({job.cfg['experiment']}):")
+        print(format_table(rows, REPORT_KEYS))
+        save_results(job.run_dir, results)
+    return results
+
+
+def device_info(trainer: Any) -> dict[str, Any]:
+    """Where the run trained and tested (recorded in ``results.json``, since speed and float rounding
+    depend on it): device type, its name, and the torch and CUDA versions."""
+    import torch
+
+    dev = trainer.strategy.root_device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
+    return {"type": dev.type, "name": name, "count": int(trainer.num_devices), "torch": torch.__version__,
+            "cuda": torch.version.cuda if dev.type == "cuda" else None}
+
+
+def bm25_baseline_for(datamodule: Any) -> Optional[dict[str, float]]:
+    corpus = getattr(datamodule, "corpus", None)
+    if corpus is None or not hasattr(corpus, "records"):
+        return None
+    import torch
+
+    from contrastive.baselines.bm25 import bm25_baseline
+
+    recs = sorted(corpus.records("test"), key=lambda r: r.id)
+    positive = torch.arange(len(recs))
+    return {k: float(v) for k, v in bm25_baseline([r.query for r in recs], [r.document for r in recs], positive).items()}
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -204,7 +274,13 @@ def _fit(job: Job, cfg: dict, ckpt: Optional[str], resume_step: Optional[int],
 
     trainer = job.trainer(callbacks_extra=[_OnStart(run_dir, write)], resume_step=resume_step)
     print(f"Run directory: {run_dir}")
-    trainer.fit(job.model, datamodule=job.datamodule, ckpt_path=ckpt)
+    try:
+        trainer.fit(job.model, datamodule=job.datamodule, ckpt_path=ckpt)
+    except (ValueError, TypeError, _misconfiguration()) as e:  # bad settings found while Lightning sets up
+        if is_started(run_dir) or isinstance(e, ConfigError):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"before training started: {msg}") from e
     if (cfg.get("run") or {}).get("test_after_fit", True):
         best = run_dir / "checkpoints" / "best.ckpt"
         evaluate(job, trainer, str(best) if best.is_file() else None)

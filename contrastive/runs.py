@@ -204,8 +204,13 @@ _STARTED: set[Path] = set()
 
 
 def keep_run_dir(run_dir: Path) -> None:
-    """Mark a run directory from :func:`new_run_dir` as started: a later failure no longer removes it."""
+    """Mark a run directory as started: a later failure no longer removes it (:func:`new_run_dir`)."""
     _STARTED.add(run_dir)
+
+
+def is_started(run_dir: Path) -> bool:
+    """Whether training in ``run_dir`` has started in this process (:func:`keep_run_dir` was called)."""
+    return run_dir in _STARTED
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

@@ -215,3 +215,12 @@ def test_config_diff_lists_changed_added_and_removed_keys():
     old = {"a": {"b": 1, "c": 2}, "run": {"test_after_fit": True}}
     new = {"a": {"b": 1, "c": 3, "d": 4}, "run": {"test_after_fit": False}}
     assert config_diff(old, new) == [("a.c", 2, 3), ("a.d", "<absent>", 4)]
+
+
+def test_error_found_while_lightning_sets_up_exits_2_without_a_run_directory(tmp_path, capsys):
+    out = tmp_path / "runs"
+    # the train split (a few hundred pairs) is smaller than one batch: found when the train loader is built
+    assert main(["fit", str(EXP), *tiny(tmp_path / "cache", out), "data.batch_size=5000"]) == 2
+    msg = one_line_error(capsys)
+    assert "batch_size=5000" in msg
+    assert not list(out.glob("*/version_*")), "a failed command left a run directory behind"
