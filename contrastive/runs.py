@@ -46,8 +46,8 @@ class CheckpointError(UserError):
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a Lightning checkpoint on the CPU, or raise :class:`CheckpointError` saying what is wrong.
 
-    Only tensors and plain containers are unpickled (``torch.load(weights_only=True)``, the checkpoints this
-    project writes need nothing else)."""
+    Tensors and plain containers are unpickled first (``torch.load(weights_only=True)``; the checkpoints this
+    project writes need nothing else); a checkpoint holding other objects is then loaded fully."""
     import torch
 
     p = Path(path)
@@ -69,10 +69,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except (EOFError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{p}: truncated checkpoint ({size} bytes): {type(e).__name__}") from None
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        what = "holds objects other than tensors and plain containers" if "weights_only" in str(e) else "unreadable"
-        raise CheckpointError(f"{p}: not a checkpoint of this project ({what}: {first[:160]})") from None
+    except pickle.UnpicklingError:
+        # other pickled objects (a callback's or a module's custom state): the file is the user's own run,
+        # so load it fully, as Lightning does; what still fails is not a checkpoint
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e2:  # noqa: BLE001 - any unpickling failure means the same to the user
+            first = str(e2).strip().splitlines()[0] if str(e2).strip() else type(e2).__name__
+            raise CheckpointError(f"{p}: not a checkpoint (cannot unpickle it: {first[:160]})") from None
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         kind = "truncated or corrupt checkpoint" if "zip" in msg.lower() or "archive" in msg.lower() else "unreadable checkpoint"

@@ -224,3 +224,21 @@ def test_error_found_while_lightning_sets_up_exits_2_without_a_run_directory(tmp
     msg = one_line_error(capsys)
     assert "batch_size=5000" in msg
     assert not list(out.glob("*/version_*")), "a failed command left a run directory behind"
+
+
+def test_files_that_are_not_lightning_checkpoints_are_named(tmp_path):
+    import pickle
+
+    import torch
+
+    from contrastive.runs import CheckpointError
+
+    path = tmp_path / "model.ckpt"
+    torch.save({"weights": torch.ones(3)}, path)  # a torch file, but no state_dict
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path)
+    assert str(path) in str(e.value) and "not a Lightning checkpoint" in str(e.value) and "weights" in str(e.value)
+    path.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))  # a plain pickle
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path)
+    assert str(path) in str(e.value) and "not a checkpoint" in str(e.value) and "weights_only" not in str(e.value)
