@@ -19,6 +19,7 @@ import os
 import platform
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -326,6 +327,8 @@ def _resume(args: argparse.Namespace) -> int:
     job = Job(cfg, run_dir)
     check_state_dict(job.model, state, ckpt)
     print(f"Resuming {run_dir} from {ckpt} (step {int(state.get('global_step', 0))})")
+    # Lightning warns about a non-empty checkpoint directory; a resumed run's directory holds its checkpoints
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
     def keep_old_config() -> None:  # explicit change: keep the config the run was trained with beside the new one
         if not diff:
