@@ -118,3 +118,19 @@ def test_kill_in_first_epoch_resumes_from_the_step_checkpoint(cache, reference, 
     (w_ref, _, rows_ref), (w_res, _, rows_res) = final_state(reference("in_batch")), final_state(run_dir(killed))
     assert all(torch.equal(w_ref[k], w_res[k]) for k in w_ref)
     assert rows_res == rows_ref
+
+
+def test_batch_samplers_skip_the_trained_batches_and_keep_their_length():
+    from contrastive.data.resumable import ShuffleBatchSampler
+    from contrastive.samplers.collate import SamplerBatchSampler
+
+    for make in (lambda: ShuffleBatchSampler(50, 8, seed=3), lambda: SamplerBatchSampler(None, 50, 8, seed=3, drop_last=True)):
+        sampler = make()
+        epoch0 = list(sampler)
+        sampler.set_epoch(2)
+        full = list(sampler)
+        assert len(full) == len(sampler) == 6 and full != epoch0
+        assert list(make()) == epoch0  # a function of (seed, epoch) only
+        sampler.skip_next(4)
+        assert list(sampler) == full[4:] and len(sampler) == 6
+        assert list(sampler) == full  # the skip applies to one iteration only

@@ -160,6 +160,11 @@ def test_failed_resume_with_corrupt_checkpoint_offers_the_newest_valid_one(train
     assert str(last) in msg and "truncated" in msg and "newest valid checkpoint" in msg and "--ckpt" in msg
     assert ("best.ckpt" in msg or "step-2.ckpt" in msg) and "weights_only" not in msg
     assert snapshot(run) == before
+    offered = msg.split("--ckpt ")[1].split()[0]
+    assert read_checkpoint(offered)["global_step"] == 4  # the newest: best.ckpt at the end of the epoch
+    # an older step checkpoint resumes mid-epoch, and the finished run writes a whole last.ckpt again
+    assert main(["fit", str(run), "--resume", str(run), "--ckpt", str(run / "checkpoints" / "step-2.ckpt")]) == 0
+    assert read_checkpoint(last)["global_step"] == 4
 
 
 @pytest.mark.parametrize("content, words", [(b"", "empty checkpoint"), (b"hello, not a checkpoint", "not a checkpoint"),
