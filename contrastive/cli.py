@@ -12,34 +12,37 @@ exit non-zero; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import platform
 import re
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 log = logging.getLogger("contrastive")
 
 EXIT_USER_ERROR = 2
 
-
-class UserError(Exception):
-    """An error in the user's command, config or data (printed as one line)."""
+from contrastive.config.errors import ConfigError  # noqa: E402
+from contrastive.runs import (CheckpointError, UserError, check_state_dict, config_diff,  # noqa: E402
+                              format_diff, is_started, keep_run_dir, new_run_dir, newest_valid_checkpoint, next_version_dir,
+                              read_checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def next_version_dir(root: Path) -> Path:
-    versions = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    return root / f"version_{max(versions, default=-1) + 1}"
-
-
 def latest_resumable(root: Path) -> Optional[Path]:
-    runs = sorted((p for p in root.glob("version_*") if (p / "checkpoints" / "last.ckpt").is_file()),
+    runs = sorted((p for p in root.glob("version_*")
+                   if re.fullmatch(r"version_\d+", p.name) and any((p / "checkpoints").glob("*.ckpt"))),
                   key=lambda p: int(p.name.split("_")[1]))
     return runs[-1] if runs else None
+
+
+def output_root(cfg: dict) -> Path:
+    return Path((cfg.get("run") or {}).get("output_dir", "runs")) / cfg["experiment"]
 
 
 def resolve_target(target: str) -> tuple[Path, Optional[Path]]:
@@ -65,7 +68,7 @@ def load_config(path: Path, overrides: Sequence[str]) -> dict:
 def find_checkpoint(run_dir: Optional[Path], explicit: Optional[str]) -> Optional[str]:
     if explicit:
         if not Path(explicit).is_file():
-            raise UserError(f"--ckpt: checkpoint not found: {explicit}")
+            raise CheckpointError(f"--ckpt {explicit}: checkpoint not found")
         return explicit
     if run_dir is None:
         return None
@@ -90,43 +93,95 @@ class Job:
         if run.get("num_threads"):
             torch.set_num_threads(int(run["num_threads"]))
         L.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
-        self.sampler = build.build_sampler(cfg.get("sampler"))
-        self.datamodule = build.build_datamodule(cfg["data"], run_dir=run_dir, seed=int(cfg.get("seed", 0)),
-                                                 sampler=self.sampler)
-        self.datamodule.prepare_data()
-        self.datamodule.setup("fit")
-        self.loss = build.build_loss(cfg["loss"])
+        with building("sampler"):
+            self.sampler = build.build_sampler(cfg.get("sampler"))
+        with building("data"):
+            self.datamodule = build.build_datamodule(cfg["data"], run_dir=run_dir, seed=int(cfg.get("seed", 0)),
+                                                     sampler=self.sampler)
+            self.datamodule.prepare_data()
+            self.datamodule.setup("fit")
+        with building("loss"):
+            self.loss = build.build_loss(cfg["loss"])
         objects: dict[str, Any] = {"sampler": self.sampler}
         if cfg.get("filters"):
-            objects["filters"] = build.build_filters(cfg["filters"])
+            with building("filters"):
+                objects["filters"] = build.build_filters(cfg["filters"])
         if cfg.get("transforms"):
-            objects["feature_transform"] = build.build_transforms(cfg["transforms"])
-        self.model = build.build_model(cfg, getattr(self.datamodule, "vocab_size", None), self.loss, **objects)
+            with building("transforms"):
+                objects["feature_transform"] = build.build_transforms(cfg["transforms"])
+        with building("model"):
+            self.model = build.build_model(cfg, getattr(self.datamodule, "vocab_size", None), self.loss, **objects)
 
-    def trainer(self, callbacks_extra: Sequence[Any] = (), log_dir: Optional[Path] = None) -> Any:
-        """A Trainer logging (CSV + TensorBoard) to ``log_dir`` (default: the run directory)."""
+    def trainer(self, callbacks_extra: Sequence[Any] = (), log_dir: Optional[Path] = None,
+                resume_step: Optional[int] = None) -> Any:
+        """A Trainer logging (CSV + TensorBoard) to ``log_dir`` (default: the run directory); with
+        ``resume_step`` (the resumed checkpoint's global step) ``metrics.csv`` is continued."""
         import lightning as L
         from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+        from lightning.pytorch.loggers import TensorBoardLogger
 
         from contrastive.build import trainer_kwargs
         from contrastive.callbacks import build_callbacks
+        from contrastive.callbacks.resume import ResumeStateCallback, StepCheckpoint
+        from contrastive.runs import atomic_checkpoint_io, run_csv_logger
 
         run = self.cfg.get("run") or {}
         log_dir = self.run_dir if log_dir is None else log_dir
         out, name, version = log_dir.parent.parent, log_dir.parent.name, log_dir.name
-        loggers = [CSVLogger(save_dir=str(out), name=name, version=version),
+        loggers = [run_csv_logger(str(out), name, version, resume_step=resume_step),
                    TensorBoardLogger(save_dir=str(out), name=name, version=version, default_hp_metric=False)]
+        ckpt_dir = self.run_dir / "checkpoints"
+        with building("run"):
+            step_ckpt = StepCheckpoint(ckpt_dir, run.get("checkpoint_every_n_steps", 100),
+                                       run.get("keep_step_checkpoints", 1))
         callbacks = [
-            ModelCheckpoint(dirpath=str(self.run_dir / "checkpoints"), filename="best",
+            ResumeStateCallback(self.sampler),  # first: restores the random state before other epoch-start hooks
+            ModelCheckpoint(dirpath=str(ckpt_dir), filename="best",
                             monitor=run.get("monitor", "val/mrr"), mode=run.get("monitor_mode", "max"),
-                            save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
+                            save_top_k=1, save_last=False, auto_insert_metric_name=False, enable_version_counter=False),
             LearningRateMonitor(logging_interval="step"),
             *build_callbacks(self.cfg, self),
             *callbacks_extra,
+            step_ckpt,  # last: a step checkpoint includes what the other callbacks did at that step
         ]
-        return L.Trainer(default_root_dir=str(self.run_dir), logger=loggers, callbacks=callbacks,
-                         **trainer_kwargs(self.cfg))
+        with building("trainer"):
+            return L.Trainer(default_root_dir=str(self.run_dir), logger=loggers, callbacks=callbacks,
+                             plugins=[atomic_checkpoint_io()], **trainer_kwargs(self.cfg))
+
+
+def _misconfiguration() -> type:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return MisconfigurationException
+
+
+@contextlib.contextmanager
+def building(section: str) -> Iterator[None]:
+    """Turn a constructor's ``ValueError``/``TypeError`` (bad settings) into a config error naming the
+    config section, so that it exits 2 like every other user error."""
+    try:
+        yield
+    except (ValueError, TypeError, _misconfiguration()) as e:
+        if isinstance(e, ConfigError):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{section}: {msg}") from e
+
+
+class _OnStart:
+    """A callback run when training starts: marks a new run directory as started (kept even if training
+    fails later) and writes what only a started run may write (its ``config.yaml``)."""
+
+    def __new__(cls, run_dir: Path, write: Callable[[], None]) -> Any:
+        from lightning.pytorch.callbacks import Callback
+
+        class OnStart(Callback):
+            def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+                keep_run_dir(run_dir)
+                if trainer.is_global_zero:
+                    write()
+
+        return OnStart()
 
 
 def save_results(run_dir: Path, results: dict) -> None:
@@ -195,52 +250,136 @@ def bm25_baseline_for(datamodule: Any) -> Optional[dict[str, float]]:
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_fit(args: argparse.Namespace) -> int:
+    if args.resume is None:
+        if args.ckpt or args.allow_config_change:
+            raise UserError("--ckpt and --allow-config-change only apply with --resume")
+        config_path, _ = resolve_target(args.config)
+        cfg = load_config(config_path, args.overrides)
+        with new_run_dir(output_root(cfg)) as run_dir:  # removed again if the run fails before it starts
+            return _fit(Job(cfg, run_dir), cfg, None, None)
+    return _resume(args)
+
+
+def _fit(job: Job, cfg: dict, ckpt: Optional[str], resume_step: Optional[int],
+         before_start: Callable[[], None] = lambda: None) -> int:
+    """Train ``job`` (from ``ckpt`` when resuming). The run's ``config.yaml`` (and ``before_start``'s
+    files) are written once training has started, so a run that fails before is left as it was."""
     from contrastive.config.loader import save_resolved
     from omegaconf import OmegaConf
 
-    config_path, run_dir = resolve_target(args.config)
-    ckpt = None
-    if args.resume is not None:
-        if args.resume != "latest":
-            config_path, run_dir = resolve_target(args.resume)
-        cfg = load_config(config_path, args.overrides)
-        if args.resume == "latest":
-            root = Path((cfg.get("run") or {}).get("output_dir", "runs")) / cfg["experiment"]
-            run_dir = latest_resumable(root)
-            if run_dir is None:
-                raise UserError(f"--resume: no run of '{cfg['experiment']}' with checkpoints/last.ckpt under {root}")
-        ckpt = str(run_dir / "checkpoints" / "last.ckpt")
-        if not Path(ckpt).is_file():
-            raise UserError(f"--resume: {ckpt} does not exist")
-        print(f"Resuming {run_dir} from {ckpt}")
-        if (run_dir / "metrics.csv").is_file():  # Lightning's CSV logger starts metrics.csv afresh
-            n = len(list(run_dir.glob("metrics.before_resume_*.csv")))
-            os.replace(run_dir / "metrics.csv", run_dir / f"metrics.before_resume_{n}.csv")
-    else:
-        cfg = load_config(config_path, args.overrides)
-        root = Path((cfg.get("run") or {}).get("output_dir", "runs")) / cfg["experiment"]
-        run_dir = next_version_dir(root)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    job = Job(cfg, run_dir)
-    save_resolved(OmegaConf.create(job.cfg), run_dir / "config.yaml")
+    run_dir = job.run_dir
+
+    def write() -> None:
+        before_start()
+        save_resolved(OmegaConf.create(job.cfg), run_dir / "config.yaml")
+
+    trainer = job.trainer(callbacks_extra=[_OnStart(run_dir, write)], resume_step=resume_step)
     print(f"Run directory: {run_dir}")
-    trainer = job.trainer()
-    trainer.fit(job.model, datamodule=job.datamodule, ckpt_path=ckpt)
+    try:
+        trainer.fit(job.model, datamodule=job.datamodule, ckpt_path=ckpt)
+    except (ValueError, TypeError, _misconfiguration()) as e:  # bad settings found while Lightning sets up
+        if is_started(run_dir) or isinstance(e, ConfigError):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"before training started: {msg}") from e
     if (cfg.get("run") or {}).get("test_after_fit", True):
         best = run_dir / "checkpoints" / "best.ckpt"
         evaluate(job, trainer, str(best) if best.is_file() else None)
     return 0
 
 
-def _load_for_eval(args: argparse.Namespace) -> tuple[Job, Optional[str]]:
-    config_path, run_dir = resolve_target(args.config)
+def _resume(args: argparse.Namespace) -> int:
+    """Resume a run; everything is checked before the run directory is touched (see :mod:`contrastive.runs`)."""
+    from contrastive.config.loader import parse_yaml
+    from contrastive.io import atomic_write_text
+
+    if args.resume != "latest":
+        config_path, run_dir = resolve_target(args.resume)
+        if run_dir is None:
+            raise UserError(f"--resume {args.resume}: not a run directory (give runs/<experiment>/version_<n>)")
+        if Path(args.config).resolve() != Path(args.resume).resolve() and Path(args.config).resolve() != config_path.resolve():
+            config_path = resolve_target(args.config)[0]  # an experiment file: compared with the saved config
+    else:
+        config_path, run_dir = resolve_target(args.config)
     cfg = load_config(config_path, args.overrides)
-    ckpt = find_checkpoint(run_dir, args.ckpt)
     if run_dir is None:
-        root = Path((cfg.get("run") or {}).get("output_dir", "runs")) / cfg["experiment"]
-        run_dir = next_version_dir(root)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    return Job(cfg, run_dir), ckpt
+        root = output_root(cfg)
+        run_dir = latest_resumable(root)
+        if run_dir is None:
+            raise UserError(f"--resume: no run of '{cfg['experiment']}' with a checkpoint under {root}")
+    saved_path = run_dir / "config.yaml"
+    saved = parse_yaml(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else None
+    diff = config_diff(saved, cfg) if isinstance(saved, dict) else []
+    if diff and not args.allow_config_change:
+        raise UserError(f"--resume: the config differs from the run's {saved_path} in {len(diff)} key(s): "
+                        f"{format_diff(diff)}; resume without these changes, or pass --allow-config-change "
+                        "(the old config is then kept beside the new one)")
+    ckpt = Path(args.ckpt) if args.ckpt else run_dir / "checkpoints" / "last.ckpt"
+    try:
+        state = read_checkpoint(ckpt)
+    except CheckpointError as e:
+        if args.ckpt:
+            raise
+        alt = newest_valid_checkpoint(run_dir / "checkpoints", exclude=[ckpt])
+        hint = (f"the newest valid checkpoint is {alt[0]} (step {int(alt[1].get('global_step', 0))}): resume from it "
+                f"with --resume {run_dir} --ckpt {alt[0]}" if alt else f"no valid checkpoint in {run_dir / 'checkpoints'}")
+        raise CheckpointError(f"--resume: {e}; {hint}") from None
+    job = Job(cfg, run_dir)
+    check_state_dict(job.model, state, ckpt)
+    print(f"Resuming {run_dir} from {ckpt} (step {int(state.get('global_step', 0))})")
+    # Lightning warns about a non-empty checkpoint directory; a resumed run's directory holds its checkpoints
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+    def keep_old_config() -> None:  # explicit change: keep the config the run was trained with beside the new one
+        if not diff:
+            return
+        n = len(list(run_dir.glob("config.before_resume_*.yaml")))
+        atomic_write_text(run_dir / f"config.before_resume_{n}.yaml", saved_path.read_text(encoding="utf-8"))
+        print(f"Config changed on resume ({format_diff(diff)}); the previous one is kept as "
+              f"{run_dir / f'config.before_resume_{n}.yaml'}")
+
+    return _fit(job, cfg, str(ckpt), int(state.get("global_step", 0)), before_start=keep_old_config)
+
+
+def _load_for_eval(args: argparse.Namespace, command: str, stack: contextlib.ExitStack) -> tuple[Job, Optional[str]]:
+    """The job and checkpoint of ``validate``/``test``/``eval``: a run directory (its best, else last
+    checkpoint, or ``--ckpt``), a checkpoint file inside a run, a config file with ``--ckpt``, or a config
+    with ``--untrained`` (a fresh model, for baselines; written to a new run directory)."""
+    target = Path(args.config)
+    explicit = args.ckpt
+    if target.suffix == ".ckpt":
+        if args.ckpt:
+            raise UserError(f"{command}: give the checkpoint either as the target or with --ckpt, not both")
+        run_dir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"{command}: {target}: no config.yaml in the run directory {run_dir}; give the run directory "
+                            "or a config file with --ckpt")
+        config_path, explicit = run_dir / "config.yaml", str(target)
+    else:
+        config_path, run_dir = resolve_target(args.config)
+    if args.untrained and explicit:
+        raise UserError(f"{command}: --untrained evaluates a fresh model; it takes no checkpoint")
+    if run_dir is None and not explicit and not args.untrained:
+        raise UserError(f"{command}: {config_path} is a config file, not a trained run: give a run directory or a "
+                        "checkpoint (.ckpt), add --ckpt PATH, or pass --untrained to evaluate a freshly initialised "
+                        "model")
+    cfg = load_config(config_path, args.overrides)
+    ckpt = None if args.untrained else find_checkpoint(run_dir, explicit)
+    state = read_checkpoint(ckpt) if ckpt else None
+    fresh = run_dir is None or args.untrained
+    if fresh:  # results of a config + checkpoint or an untrained model: a new run
+        run_dir = stack.enter_context(new_run_dir(output_root(cfg)))
+    job = Job(cfg, run_dir)
+    if state is not None:
+        check_state_dict(job.model, state, ckpt)
+    if fresh:
+        from contrastive.config.loader import save_resolved
+        from omegaconf import OmegaConf
+
+        save_resolved(OmegaConf.create(cfg), run_dir / "config.yaml")
+    if args.untrained:
+        print(f"Evaluating an untrained model (--untrained); results in {run_dir}")
+    return job, ckpt
 
 
 def eval_log_dir(run_dir: Path, command: str) -> Path:
@@ -250,32 +389,45 @@ def eval_log_dir(run_dir: Path, command: str) -> Path:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    job, ckpt = _load_for_eval(args)
-    trainer = job.trainer(log_dir=eval_log_dir(job.run_dir, "validate"))
-    trainer.validate(job.model, datamodule=job.datamodule, ckpt_path=ckpt, verbose=False)
-    print(json.dumps(job.model.last_metrics, indent=2, sort_keys=True))
+    with contextlib.ExitStack() as stack:
+        job, ckpt = _load_for_eval(args, "validate", stack)
+        trainer = job.trainer(log_dir=eval_log_dir(job.run_dir, "validate"))
+        trainer.validate(job.model, datamodule=job.datamodule, ckpt_path=ckpt, verbose=False)
+        print(json.dumps(job.model.last_metrics, indent=2, sort_keys=True))
     return 0
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    job, ckpt = _load_for_eval(args)
-    trainer = job.trainer(log_dir=eval_log_dir(job.run_dir, "test"))
-    job.datamodule.setup("test")
-    trainer.test(job.model, datamodule=job.datamodule, ckpt_path=ckpt, verbose=False)
-    print(json.dumps(job.model.last_metrics, indent=2, sort_keys=True))
+    with contextlib.ExitStack() as stack:
+        job, ckpt = _load_for_eval(args, "test", stack)
+        trainer = job.trainer(log_dir=eval_log_dir(job.run_dir, "test"))
+        job.datamodule.setup("test")
+        trainer.test(job.model, datamodule=job.datamodule, ckpt_path=ckpt, verbose=False)
+        print(json.dumps(job.model.last_metrics, indent=2, sort_keys=True))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    job, ckpt = _load_for_eval(args)
-    evaluate(job, job.trainer(log_dir=eval_log_dir(job.run_dir, "eval")), ckpt)
+    with contextlib.ExitStack() as stack:
+        job, ckpt = _load_for_eval(args, "eval", stack)
+        evaluate(job, job.trainer(log_dir=eval_log_dir(job.run_dir, "eval")), ckpt)
     return 0
+
+
+def _check_out(out: Path) -> None:
+    """Fail before mining when ``--out`` cannot be written; the message names the user's path."""
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory; give a file name such as {out / 'mined.npz'}")
+    parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is a file, not a directory")
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot write in {parent} (permission denied)")
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
     """Mine negatives once with the config's sampler and write the table (format:
     :mod:`contrastive.samplers.table`) and its quality report (``<out stem>.report.{json,png}``)."""
-    import torch
 
     from contrastive.callbacks import config_fingerprint
     from contrastive.callbacks.refresh import datamodule_rows, refresh_or_load
@@ -284,49 +436,58 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
     config_path, run_dir = resolve_target(args.config)
     cfg = load_config(config_path, args.overrides)
-    if run_dir is None:
-        root = Path((cfg.get("run") or {}).get("output_dir", "runs")) / cfg["experiment"]
-        run_dir = next_version_dir(root)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    job = Job(cfg, run_dir)
-    sampler = job.sampler
-    name = (cfg.get("sampler") or {}).get("name", "in_batch") if isinstance(cfg.get("sampler"), dict) else cfg.get("sampler")
-    if not isinstance(sampler, CorpusSampler):
-        raise UserError(f"sampler '{name}' mines no negatives (in-batch / queue); choose sampler=bm25, random, "
-                        "faiss_hard or ngame")
-    if not sampler.is_setup:
-        raise UserError(f"the datamodule '{(cfg.get('data') or {}).get('name')}' did not set the sampler up on its "
-                        "training rows (attach_sampler in its setup('fit'))")
-    out = Path(args.out) if args.out else run_dir / "negatives" / "mined.npz"
-    step, epoch, stats = 0, 0, {}
-    if sampler.needs_model:
-        ckpt = args.ckpt or (find_checkpoint(run_dir, None) if (run_dir / "checkpoints").is_dir() else None)
-        if ckpt:
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
-            job.model.load_state_dict(state["state_dict"])
-            step, epoch = int(state.get("global_step", 0)), int(state.get("epoch", 0))
-            print(f"Mining with {ckpt} (step {step})")
+    user_out = Path(args.out) if args.out else None
+    if user_out is not None:
+        _check_out(user_out)
+    ckpt = args.ckpt or (find_checkpoint(run_dir, None) if run_dir is not None and (run_dir / "checkpoints").is_dir()
+                         and any((run_dir / "checkpoints").glob("*.ckpt")) else None)
+    state = read_checkpoint(ckpt) if ckpt else None
+    with contextlib.ExitStack() as stack:
+        if run_dir is None:
+            run_dir = stack.enter_context(new_run_dir(output_root(cfg)))
+        job = Job(cfg, run_dir)
+        sampler = job.sampler
+        name = (cfg.get("sampler") or {}).get("name", "in_batch") if isinstance(cfg.get("sampler"), dict) else cfg.get("sampler")
+        if not isinstance(sampler, CorpusSampler):
+            raise UserError(f"sampler '{name}' mines no negatives (in-batch / queue); choose sampler=bm25, random, "
+                            "faiss_hard or ngame")
+        if state is not None:
+            check_state_dict(job.model, state, ckpt)
+        if not sampler.is_setup:
+            raise UserError(f"the datamodule '{(cfg.get('data') or {}).get('name')}' did not set the sampler up on "
+                            "its training rows (attach_sampler in its setup('fit'))")
+        out = user_out or run_dir / "negatives" / "mined.npz"
+        step, epoch, stats = 0, 0, {}
+        if sampler.needs_model:
+            if state is not None:
+                job.model.load_state_dict(state["state_dict"])
+                step, epoch = int(state.get("global_step", 0)), int(state.get("epoch", 0))
+                print(f"Mining with {ckpt} (step {step})")
+            else:
+                print("Mining with the initial (untrained) weights: pass --ckpt or a run directory for a trained model")
+            epoch = max(epoch, sampler.first_refresh_epoch)  # NGAME: cluster at the curriculum size of that epoch
+            sampler.set_epoch(epoch)
+            table, stats, _, _ = refresh_or_load(sampler, job.model, datamodule_rows(job.datamodule), step, None,
+                                                 config_fingerprint(cfg), progress=True, write=False)
+        elif sampler.mined_table() is not None:
+            table = sampler.mined_table()
+            stats = dict(table.header.get("stats") or {})
         else:
-            print("Mining with the initial (untrained) weights: pass --ckpt or a run directory for a trained model")
-        epoch = max(epoch, sampler.first_refresh_epoch)  # NGAME: cluster at the curriculum size of that epoch
-        sampler.set_epoch(epoch)
-        table, stats, _, _ = refresh_or_load(sampler, job.model, datamodule_rows(job.datamodule), step, None,
-                                             config_fingerprint(cfg), progress=True, write=False)
-    elif sampler.mined_table() is not None:
-        table = sampler.mined_table()
-        stats = dict(table.header.get("stats") or {})
-    else:
-        table = sampler.mine_all()
-        if table is not None:
-            table.header.update({"sampler": {"name": name, "settings": sampler.settings()}, "checkpoint": None,
-                                 "corpus": {"size": sampler.num_rows, "fingerprint": sampler.corpus_fingerprint()},
-                                 "created": utc_now(), "stats": {}})
-    if table is None:
-        raise UserError(f"sampler '{name}' produced no table to write")
-    table.header.setdefault("key", None)
-    table.header["info"] = {**(table.header.get("info") or {}), "config": str(config_path), "command": "mine"}
-    table.save(out)
-    metrics = NegativeQualityReport().write(table, step, out.parent, name=f"{out.stem}.report")
+            table = sampler.mine_all()
+            if table is not None:
+                table.header.update({"sampler": {"name": name, "settings": sampler.settings()}, "checkpoint": None,
+                                     "corpus": {"size": sampler.num_rows, "fingerprint": sampler.corpus_fingerprint()},
+                                     "created": utc_now(), "stats": {}})
+        if table is None:
+            raise UserError(f"sampler '{name}' produced no table to write")
+        table.header.setdefault("key", None)
+        table.header["info"] = {**(table.header.get("info") or {}), "config": str(config_path), "command": "mine"}
+        try:
+            table.save(out)
+            metrics = NegativeQualityReport().write(table, step, out.parent, name=f"{out.stem}.report")
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot write the mined table: {e.strerror or type(e).__name__}") from None
+        keep_run_dir(run_dir)
     print(f"Mined {table.query_rows.shape[0]} x {table.num_negatives} negatives with sampler '{name}' -> {out}")
     for key in ("negatives/before/dup_fraction", "negatives/after/dup_fraction", "negatives/after/mean_score",
                 "negatives/after/mean_margin", "negatives/after/frac_above_positive", "negatives/short_fraction"):
@@ -347,14 +508,22 @@ def parser() -> argparse.ArgumentParser:
                         ("test", "test a checkpoint"), ("eval", "test a checkpoint and the BM25 baseline"),
                         ("mine", "mine negatives once with the config's sampler; write the table and a report")):
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("config", help="experiment YAML, a run's config.yaml or a run directory")
+        sp.add_argument("config", help="experiment YAML, a run's config.yaml, a run directory"
+                        + (" or a checkpoint" if name in ("validate", "test", "eval") else ""))
         sp.add_argument("overrides", nargs="*", help="key=value or group=name")
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if name == "fit":
             sp.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
                             help="resume from last.ckpt of RUN_DIR (default: the experiment's latest run)")
+            sp.add_argument("--ckpt", default=None, help="with --resume: resume from this checkpoint instead")
+            sp.add_argument("--allow-config-change", action="store_true",
+                            help="with --resume: accept a config that differs from the run's saved one (the old "
+                                 "one is kept as config.before_resume_<n>.yaml)")
         else:
             sp.add_argument("--ckpt", default=None, help="checkpoint (default: the run's best, then last)")
+        if name in ("validate", "test", "eval"):
+            sp.add_argument("--untrained", action="store_true",
+                            help="evaluate a freshly initialised model (a baseline) instead of a checkpoint")
         if name == "mine":
             sp.add_argument("--out", default=None, metavar="FILE",
                             help="mined table .npz (default: <run dir>/negatives/mined.npz)")
@@ -374,6 +543,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
     if unknown:
         args.overrides = [*getattr(args, "overrides", []), *unknown]
+    target = getattr(args, "config", "")
+    if "=" in target and not Path(target).exists():  # ``contrastive fit =3``: an override, not a file name
+        print(f"contrastive: error: {target!r} looks like an override (key=value), not a config file or run "
+              f"directory; usage: contrastive {args.command} CONFIG [key=value ...]", file=sys.stderr)
+        return EXIT_USER_ERROR
     debug = args.debug or os.environ.get("CONTRASTIVE_DEBUG") == "1"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

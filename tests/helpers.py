@@ -46,3 +46,20 @@ class DDPWrap(torch.nn.Module):
 
     def forward(self, batch):
         return self.model.contrastive_step(batch)[0]
+
+
+def tiny_codesearch(cache, out, epochs: int = 2, checkpoint_every: int = 3) -> list[str]:
+    """Overrides of ``configs/codesearch/infonce.yaml`` for a fit of a few seconds on 8 standard-library
+    packages (4 batches of 16 per epoch, a 16-dim one-layer encoder, one thread, no test after fit)."""
+    import sysconfig
+    from pathlib import Path
+
+    std = Path(sysconfig.get_paths()["stdlib"])
+    roots = ",".join(str(std / p) for p in ("json", "email", "http", "xml", "logging", "urllib", "concurrent", "importlib"))
+    return [f"data.path=[{roots}]", f"data.cache_dir={cache}", "data.max_pairs=600", "data.vocab_size=600",
+            "data.batch_size=16", "data.max_doc_length=48", "data.split_method=balanced", "data.eval_batch_size=64",
+            "model.encoder.dim=16", "model.encoder.ff_dim=32", "model.encoder.num_layers=1", "model.projection_dim=16",
+            f"trainer.max_epochs={epochs}", "trainer.limit_train_batches=4", "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false", "optim.warmup_steps=2", f"run.output_dir={out}",
+            f"run.checkpoint_every_n_steps={checkpoint_every}", "run.test_after_fit=false", "run.num_threads=1",
+            "eval.bm25_baseline=false"]

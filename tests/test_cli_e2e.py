@@ -60,7 +60,9 @@ def test_test_and_eval_from_run_directory(fitted, capsys):
 def test_relaunch_from_saved_config_and_resume(fitted):
     tmp, run = fitted
     # resume the run from its last checkpoint for one more epoch
-    assert main(["fit", str(run), "--resume", str(run), "trainer.max_epochs=3", "run.test_after_fit=false"]) == 0
+    assert main(["fit", str(run), "--resume", str(run), "trainer.max_epochs=3", "run.test_after_fit=false",
+                 "--allow-config-change"]) == 0
+    assert (run / "config.before_resume_0.yaml").is_file()  # the config the run was trained with
     metrics = (run / "metrics.csv").read_text()
     assert "epoch" in metrics
     # relaunch a fresh run from the saved config file alone

@@ -462,10 +462,14 @@ def test_datamodule_batches(tmp_path):
     assert rec.split == "train" and rec.dup_group == int(b["dup_group"][0])
     ids, _ = dm.tokenizer.encode_batch([rec.query], 12)
     assert torch.equal(b["query_ids"][0, : ids.shape[1]], ids[0])
-    # seeded shuffle: same order on a fresh loader, a different order next epoch
+    # seeded shuffle: same order on a fresh loader, a different order next epoch (Lightning sets the epoch
+    # through ``batch_sampler.sampler.set_epoch``), the same again when an epoch is repeated (resume)
     loader = dm.train_dataloader()
     epoch1 = torch.cat([x["pair_id"] for x in loader])
+    loader.batch_sampler.sampler.set_epoch(1)
     epoch2 = torch.cat([x["pair_id"] for x in loader])
+    loader.batch_sampler.skip_next(2)
+    assert torch.equal(torch.cat([x["pair_id"] for x in loader]), epoch2[2 * 8:])
     assert torch.equal(epoch1, torch.cat([x["pair_id"] for x in batches])) and not torch.equal(epoch1, epoch2)
     # valid loader: the whole split in id order, no drop
     val_ids = torch.cat([x["pair_id"] for x in dm.val_dataloader()]).tolist()

@@ -11,7 +11,9 @@ encoder's own training step). Two levels:
   ``faiss_hard_filtered`` sampler under GradCache) on a tiny stdlib corpus with every model and data
   setting pinned; the test metrics of ``results.json``. The fit depends on the corpus extraction and the
   tokenizer of the code-search setting: a change there that is meant to alter the data needs a new
-  recording.
+  recording. Its epochs run to the end (no ``limit_train_batches``): the seeded shuffle of a plain
+  loader draws one more permutation when an epoch is exhausted, which the resumable batch sampler
+  (:class:`~contrastive.data.resumable.ShuffleBatchSampler`) replays for whole epochs only.
 
 Tolerances allow floating-point reduction order only. Record again (only when a change is meant to
 alter the numbers) with ``python -m tests.test_reproduce --record``.
@@ -59,9 +61,9 @@ def _fit(config: str, extra: list[str], tmp: Path) -> dict[str, float]:
     roots = ",".join(str(std / p) for p in ("json", "email", "http", "xml", "logging", "urllib", "concurrent",
                                              "importlib"))
     overrides = [
-        f"data.path=[{roots}]", f"data.cache_dir={tmp / 'cache'}", "data.source=local", "data.max_pairs=600",
+        f"data.path=[{roots}]", f"data.cache_dir={tmp / 'cache'}", "data.source=local", "data.max_pairs=300",
         "data.vocab_size=600", "data.batch_size=16", "data.max_query_length=32", "data.max_doc_length=64",
-        "data.split_method=balanced", *PINNED_MODEL, "trainer.max_epochs=2", "trainer.limit_train_batches=4",
+        "data.split_method=balanced", *PINNED_MODEL, "trainer.max_epochs=2",
         "trainer.enable_progress_bar=false", "optim.warmup_steps=2", "eval.bm25_baseline=false", "seed=0",
         f"run.output_dir={tmp / 'runs'}", *extra,
     ]

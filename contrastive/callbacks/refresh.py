@@ -322,6 +322,10 @@ class NegativeRefreshCallback(Callback):
         self._resume_key = state_dict.get("last_key")
         self.last_step, self.last_epoch = state_dict.get("last_step"), state_dict.get("last_epoch")
         self.history = list(state_dict.get("history") or [])
+        # a run resumed inside an epoch that was already refreshed at its start must not refresh it again
+        # (with the resumed weights); the next epoch's refresh is still due
+        epochs = [h.get("epoch") for h in self.history if h.get("reason") in ("epoch", "resume")]
+        self._refreshed_epoch = epochs[-1] if epochs else None
 
     # -- work ---------------------------------------------------------------------------------------
     def _check_loader(self, trainer: Any) -> None:

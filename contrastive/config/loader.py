@@ -11,6 +11,7 @@ A resolved config (no ``defaults``) is self-contained: saved beside a run, it re
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -50,15 +51,48 @@ class Provenance:
         return "defaults"
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's float rule: ``1e-3``, ``5e-2`` and ``1e6`` are floats (YAML 1.1,
+    PyYAML's default, needs a dot: ``1.0e-3``, and reads ``1e-3`` as a string)."""
+
+
+Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 floats (:class:`Yaml12Loader`)."""
+    return yaml.load(text, Loader=Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def yaml_error_message(path: Path | str, e: yaml.YAMLError) -> str:
+    """``file:line:column: problem`` of a YAML syntax error (1-based line and column, as editors count)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
+
+
 def _read_yaml(path: Path, what: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{what}: file not found: {path}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}, offset {e.start}); "
+                          "save the config as UTF-8") from None
+    try:
+        data = parse_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(yaml_error_message(path, e)) from None
     if data is None:
-        data = {}
+        raise ConfigError(f"{path}: empty config file ({what}); it must hold a YAML mapping of keys")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data
@@ -119,6 +153,10 @@ def compose(experiment: str | Path, overrides: list[str] | tuple[str, ...] = ())
         if "=" not in item:
             raise ConfigError(f"command line: override {item!r} must look like key=value or group=name")
         key, _, value = item.partition("=")
+        if not _KEY.fullmatch(key):
+            raise ConfigError(f"command line: override {item!r} has "
+                              + ("an empty key" if not key else f"an invalid key {key!r}")
+                              + "; expected key=value (e.g. optim.lr=1e-3) or group=name (e.g. loss=infonce)")
         if _is_group_override(item, root) and not _looks_like_mapping(value):
             choices[key] = value
             group_src[key] = "command line"
@@ -146,14 +184,24 @@ def compose(experiment: str | Path, overrides: list[str] | tuple[str, ...] = ())
     for item in dotted:
         key, _, value = item.partition("=")
         try:
-            parsed = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
+            parsed = parse_yaml(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            if _looks_like_mapping(value) or value.lstrip().startswith("["):
+                raise ConfigError(f"command line: override {item!r}: " + yaml_error_message("value", e)) from None
             parsed = value
         # a whole mapping replaces the node; a scalar sets the leaf
         OmegaConf.update(cfg, key, parsed, merge=False, force_add=True)
         prov.drop(key)
+        # intermediate keys the override created come from the command line too (an unknown key deep in
+        # the tree is then blamed on the command line, not on the group file of its top-level section)
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            prov.sources.setdefault(".".join(parts[:i]), "command line")
         prov.record(parsed, "command line", key)
     return cfg, prov
+
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*")
 
 
 def _looks_like_mapping(value: str) -> bool:

@@ -64,6 +64,11 @@ class RunConfig:
     monitor: str = "val/mrr"
     monitor_mode: Literal["min", "max"] = "max"
     num_threads: Optional[int] = None
+    #: write ``checkpoints/last.ckpt`` (and ``step-<n>.ckpt``) every this many optimiser steps, besides the
+    #: epoch ends (``null``: epoch ends only); a killed run resumes from there exactly
+    checkpoint_every_n_steps: Optional[int] = 100
+    #: how many ``step-<n>.ckpt`` files to keep (the fallback when ``last.ckpt`` is damaged)
+    keep_step_checkpoints: int = 1
 
 
 #: top-level keys of an experiment and how each is validated: a dataclass schema, a registry family

@@ -99,7 +99,9 @@ def _load_frozen_run(run_dir: str, checkpoint: Optional[str]) -> nn.Module:
     ckpt = next((c for c in candidates if c.is_file()), None)
     if ckpt is None:
         raise FileNotFoundError(f"similarity_estimator: no checkpoint at {', '.join(map(str, candidates))}")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    from contrastive.runs import read_checkpoint
+
+    state = read_checkpoint(ckpt)  # names the file and says what is wrong with it
     model.load_state_dict(state["state_dict"], strict=False)
     model.eval().requires_grad_(False)
     return model

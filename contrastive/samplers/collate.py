@@ -265,6 +265,22 @@ def generates(sampler: Optional[NegativeSampler]) -> bool:
     return sampler is not None and (sampler.num_negatives > 0 or type(sampler).sample is not NegativeSampler.sample)
 
 
+def shuffled_loader(dataset: Dataset, collate: Callable[[list[Any]], Any], batch_size: int, seed: int,
+                    drop_last: bool, num_workers: int, persistent: bool) -> DataLoader:
+    """Seeded shuffle of whole batches, reproducible per epoch and resumable mid-epoch
+    (:class:`~contrastive.data.resumable.ShuffleBatchSampler`); under DDP a plain shuffled loader that
+    Lightning shards with its distributed sampler."""
+    from contrastive.data.resumable import ShuffleBatchSampler
+
+    g = torch.Generator().manual_seed(int(seed))
+    if _is_distributed():
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=g,
+                          collate_fn=collate, num_workers=num_workers, persistent_workers=persistent)
+    batches = ShuffleBatchSampler(len(dataset), batch_size, seed=int(seed), drop_last=drop_last)
+    return DataLoader(dataset, batch_sampler=batches, generator=g, collate_fn=collate, num_workers=num_workers,
+                      persistent_workers=persistent)
+
+
 def attach_sampler(
     sampler: Optional[NegativeSampler],
     dataset: Dataset,
@@ -289,10 +305,8 @@ def attach_sampler(
     (:class:`SamplerBatchSampler`, also used for per-epoch negatives on a single process). Without a
     sampler (or with one that adds nothing and keeps the order) it is a seeded shuffling loader.
     """
-    g = torch.Generator().manual_seed(int(seed))
-    plain = dict(batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=g, num_workers=num_workers)
     if sampler is None:
-        return DataLoader(dataset, collate_fn=base_collate, persistent_workers=num_workers > 0, **plain)
+        return shuffled_loader(dataset, base_collate, batch_size, seed, drop_last, num_workers, num_workers > 0)
     if setup:
         sampler.setup(ids, groups, texts)
     collate: Any = base_collate
@@ -302,7 +316,8 @@ def attach_sampler(
             raise ValueError(f"{type(sampler).__name__} adds negatives: the datamodule must pass candidate_inputs")
         collate = NegativeCollate(base_collate, sampler, ids, groups, candidate_inputs, generated_inputs, seed=seed)
     if not (shapes_batches(sampler) or (extra and not _is_distributed())):
-        return DataLoader(dataset, collate_fn=collate, persistent_workers=num_workers > 0 and not extra, **plain)
+        return shuffled_loader(dataset, collate, batch_size, seed, drop_last, num_workers,
+                               num_workers > 0 and not extra)
     # per-epoch / refreshed negatives must reach the workers: no persistent workers with extra negatives
     batches = SamplerBatchSampler(sampler, len(dataset), batch_size, seed=seed, drop_last=drop_last)
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
@@ -366,7 +381,15 @@ class SamplerBatchSampler(Sampler[list[int]]):
         self.seed, self.drop_last = int(seed), bool(drop_last)
         self.num_replicas, self.rank = int(num_replicas), int(rank)
         self.epoch = 0
+        self._skip = 0
         self.sampler = _EpochRows(self)
+
+    def skip_next(self, batches: int) -> None:
+        """Start the next iteration after its first ``batches`` local batches (exact mid-epoch resume;
+        :class:`~contrastive.callbacks.resume.ResumeStateCallback` calls it). The length is unchanged."""
+        if batches < 0:
+            raise ValueError(f"SamplerBatchSampler.skip_next: batches must be >= 0; got {batches}")
+        self._skip = int(batches)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -404,7 +427,8 @@ class SamplerBatchSampler(Sampler[list[int]]):
         return order[self.rank:usable:self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.local_batches()
+        skip, self._skip = self._skip, 0
+        yield from self.local_batches()[skip:]
 
     def __len__(self) -> int:
         return len(self.local_batches())
