@@ -241,3 +241,20 @@ def test_linear_logits_equal_category_query_with_one_hot_tokens():
     head = CategoryQueryHead(num_classes=d, d_model=d, num_selected=d, embed_dim=4)
     ctx = CategoryContext(categories=torch.arange(d)[None], tokens=tokens)
     assert torch.allclose(head.logits(feats, ctx), feats + head.bias)
+
+
+def test_text_embedding_initialisation(tmp_path):
+    from contrastive.config.errors import ConfigError
+    from contrastive.detection.build import load_text_embeddings
+
+    names = ["red circle", "blue square"]
+    path = tmp_path / "text.pt"
+    torch.save({"names": ["blue square", "green star", "red circle"], "embeddings": torch.arange(9.0).view(3, 3)}, path)
+    emb = load_text_embeddings(str(path), names)
+    assert emb.tolist() == [[6.0, 7.0, 8.0], [0.0, 1.0, 2.0]]
+    with pytest.raises(ConfigError, match="purple ring"):
+        load_text_embeddings(str(path), names + ["purple ring"])
+    head = CategoryQueryHead(num_classes=2, d_model=8, num_selected=2, embed_dim=3, nheads=1, init_embeddings=emb)
+    assert torch.allclose(head.embeddings.data, F.normalize(emb, dim=1))
+    projected = CategoryQueryHead(num_classes=2, d_model=8, num_selected=2, embed_dim=5, nheads=1, init_embeddings=emb)
+    assert projected.embeddings.shape == (2, 5)

@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from contrastive.cli import (UserError, device_info, eval_log_dir, find_checkpoint, next_version_dir, resolve_target,
-                             save_results)
+from contrastive.cli import (UserError, device_info, eval_log_dir, find_checkpoint, latest_resumable, next_version_dir,
+                             resolve_target, save_results)
 
 TASK = "detection"
 
@@ -119,10 +119,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if args.resume != "latest":
             _, run_dir = resolve_target(args.resume)
         else:
-            root = Path((cfg.get("run") or {}).get("output_dir", "runs")) / cfg["experiment"]
-            runs = sorted((p for p in root.glob("version_*") if (p / "checkpoints" / "last.ckpt").is_file()),
-                          key=lambda p: int(p.name.split("_")[1]))
-            run_dir = runs[-1] if runs else None
+            run_dir = latest_resumable(Path((cfg.get("run") or {}).get("output_dir", "runs")) / cfg["experiment"])
         if run_dir is None or not (run_dir / "checkpoints" / "last.ckpt").is_file():
             raise UserError(f"--resume: no checkpoints/last.ckpt for '{cfg['experiment']}'")
         ckpt = str(run_dir / "checkpoints" / "last.ckpt")
