@@ -136,13 +136,13 @@ CATEGORY_SAMPLERS: dict[str, type] = {"cq_topk": CQTopKSampler, "index_topk": In
                                       "random": RandomCategorySampler}
 
 
-def hierarchy_relation(parents: Sequence[int]) -> Tensor:
-    """``(C, C)`` bool: ``R[i, j]`` is True when ``i`` is a strict ancestor or descendant of ``j``.
+def ancestor_matrix(parents: Sequence[int]) -> Tensor:
+    """``(C, C)`` bool: ``A[i, j]`` is True when ``j`` is a strict ancestor of ``i``.
 
     ``parents[i]`` is the parent index of category ``i`` (``-1`` for a root); cycles raise ``ValueError``.
     """
     c = len(parents)
-    anc = torch.zeros(c, c, dtype=torch.bool)  # anc[i, j]: j is an ancestor of i
+    anc = torch.zeros(c, c, dtype=torch.bool)
     for i in range(c):
         p, seen = parents[i], 0
         while p >= 0:
@@ -151,6 +151,12 @@ def hierarchy_relation(parents: Sequence[int]) -> Tensor:
             seen += 1
             if seen > c:
                 raise ValueError(f"category hierarchy has a cycle through category index {i}")
+    return anc
+
+
+def hierarchy_relation(parents: Sequence[int]) -> Tensor:
+    """``(C, C)`` bool: ``R[i, j]`` is True when ``i`` is a strict ancestor or descendant of ``j``."""
+    anc = ancestor_matrix(parents)
     return anc | anc.t()
 
 

@@ -6,8 +6,8 @@
 
 A run directory holds ``config.yaml``, CSV/TensorBoard logs, ``checkpoints/{best,last}.ckpt`` (best by
 ``val/mAP``) and ``results.json``: the test metrics (mAP, AP50, AP75, APs/m/l, AP_rare/common/frequent),
-per-category AP with each category's training-image count and bucket, the time per training epoch and the
-bad-input counts of the data.
+per-category AP with each category's training-image count and bucket, the time per training epoch (with its
+validation pass) and the bad-input counts of the data.
 """
 from __future__ import annotations
 

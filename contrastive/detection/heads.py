@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from contrastive.detection.category_samplers import CategorySampler, CQTopKSampler
+from contrastive.detection.category_samplers import CategorySampler, CQTopKSampler, ancestor_matrix
 
 
 def prior_bias(prior_prob: float) -> float:
@@ -105,12 +105,7 @@ def asymmetric_loss(logits: Tensor, targets: Tensor, gamma_pos: float = 0.0, gam
 
 def tree_levels(parents: Sequence[int]) -> list[Tensor]:
     """Category indices grouped by depth (roots first)."""
-    depth = []
-    for i in range(len(parents)):
-        d, p = 0, parents[i]
-        while p >= 0:
-            d, p = d + 1, parents[p]
-        depth.append(d)
+    depth = ancestor_matrix(parents).sum(1).tolist()
     return [torch.tensor([i for i, d in enumerate(depth) if d == lvl], dtype=torch.long)
             for lvl in range(max(depth) + 1)]
 
@@ -124,12 +119,7 @@ class TreeAggregation(nn.Module):
         super().__init__()
         c = len(parents)
         self.register_buffer("parents", torch.tensor(list(parents), dtype=torch.long), persistent=False)
-        desc = torch.zeros(c)
-        for i in range(c):
-            p = parents[i]
-            while p >= 0:
-                desc[p] += 1
-                p = parents[p]
+        desc = ancestor_matrix(parents).sum(0).float()  # descendants of each category
         self.register_buffer("omega", 0.4 + 0.4 * torch.log(desc + 2) / math.log(c + 2), persistent=False)
         self.levels = tree_levels(parents)
         self.norm = nn.LayerNorm(dim)
@@ -228,15 +218,7 @@ class CategoryQueryHead(ClassificationHead):
         self.asl = (asl_gamma_pos, asl_gamma_neg, asl_clip)
         self.sampler = sampler or CQTopKSampler()
         if self.parents is not None:
-            from contrastive.detection.category_samplers import hierarchy_relation
-
-            rel = hierarchy_relation(self.parents)
-            anc = torch.zeros_like(rel)
-            for i, p in enumerate(self.parents):  # anc[i, j]: j is an ancestor of i
-                while p >= 0:
-                    anc[i, p] = True
-                    p = self.parents[p]
-            self.register_buffer("ancestors", anc, persistent=False)
+            self.register_buffer("ancestors", ancestor_matrix(self.parents), persistent=False)
         else:
             self.ancestors = None
 
