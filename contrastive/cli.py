@@ -551,7 +551,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = args.debug or os.environ.get("CONTRASTIVE_DEBUG") == "1"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return COMMANDS[args.command](args)
+        from contrastive.detection.cli import task_commands  # a config with ``task: detection``
+
+        return (task_commands(args.config) or COMMANDS)[args.command](args)
     except KeyboardInterrupt:
         print("contrastive: interrupted", file=sys.stderr)
         return 130
