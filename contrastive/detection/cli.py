@@ -25,10 +25,13 @@ TASK = "detection"
 
 def config_task(target: str) -> Optional[str]:
     """The top-level ``task`` of a config file or run directory (``None`` when absent or unreadable)."""
+    p = Path(target)
+    if p.suffix == ".ckpt":  # a checkpoint of a run: runs/<exp>/version_<n>/checkpoints/<name>.ckpt
+        p = p.parent.parent
     try:
-        path, _ = resolve_target(target)
+        path, _ = resolve_target(str(p))
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UserError):
+    except (OSError, ValueError, yaml.YAMLError, UserError):  # ValueError: undecodable bytes
         return None
     return data.get("task") if isinstance(data, dict) else None
 
