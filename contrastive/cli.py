@@ -129,6 +129,17 @@ class Job:
                          **trainer_kwargs(self.cfg))
 
 
+def save_provenance(job: Job, run_dir: Path) -> None:
+    """Print the dataset's provenance line and save ``run_dir/corpus.json`` (datamodules with ``provenance()``)."""
+    dm = job.datamodule
+    if not hasattr(dm, "provenance"):
+        return
+    from contrastive.io import atomic_write_text
+
+    print(dm.provenance_summary() if hasattr(dm, "provenance_summary") else json.dumps(dm.provenance()))
+    atomic_write_text(run_dir / "corpus.json", json.dumps(dm.provenance(), indent=2, sort_keys=True))
+
+
 def save_results(run_dir: Path, results: dict) -> None:
     from contrastive.io import atomic_write_text
 
@@ -224,6 +235,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     job = Job(cfg, run_dir)
     save_resolved(OmegaConf.create(job.cfg), run_dir / "config.yaml")
     print(f"Run directory: {run_dir}")
+    save_provenance(job, run_dir)
     trainer = job.trainer()
     trainer.fit(job.model, datamodule=job.datamodule, ckpt_path=ckpt)
     if (cfg.get("run") or {}).get("test_after_fit", True):

@@ -4,12 +4,14 @@ Main entry points: :class:`CodeSearchDataModule` (registered as ``"codesearch"``
 with :class:`CodePair` records, :func:`build_local_corpus`, :func:`build_jsonl_corpus`.
 """
 from datamodules.codesearch.corpus import (
-    BadInputReport, CodePair, CodeSearchCorpus, CorpusError, build_local_corpus, default_cache_dir, default_roots,
+    BadInputReport, CodePair, CodeSearchCorpus, CorpusError, build_local_corpus, default_cache_dir,
+    DEFAULT_PACKAGES, SourceSet, resolve_source_set,
 )
 from datamodules.codesearch.datamodule import CodeSearchDataModule
 from datamodules.codesearch.jsonl import build_jsonl_corpus
 
 __all__ = [
     "BadInputReport", "CodePair", "CodeSearchCorpus", "CodeSearchDataModule", "CorpusError",
-    "build_jsonl_corpus", "build_local_corpus", "default_cache_dir", "default_roots",
+    "build_jsonl_corpus", "build_local_corpus", "default_cache_dir", "DEFAULT_PACKAGES", "SourceSet",
+    "resolve_source_set",
 ]

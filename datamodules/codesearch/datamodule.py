@@ -130,7 +130,11 @@ class CodeSearchDataModule(L.LightningDataModule):
     Args:
         source: ``"local"`` (Python source on this machine) or ``"jsonl"`` (CodeSearchNet files).
         path: for ``"jsonl"`` the ``.jsonl(.gz)`` file or directory (required); for ``"local"`` optional
-            source root(s) replacing the default (stdlib + site-packages).
+            source root(s) (any directories of Python sources) replacing the default fixed source set: the
+            standard library plus the pinned ``packages``
+            (:func:`datamodules.codesearch.corpus.resolve_source_set`).
+        packages: local default source set: distribution name -> pinned version; ``None`` =
+            :data:`datamodules.codesearch.corpus.DEFAULT_PACKAGES` (the project's runtime dependencies).
         cache_dir: corpus/tokenizer cache; default ``$CONTRASTIVE_CACHE/codesearch`` or
             ``~/.cache/contrastive/codesearch``.
         max_files: local source: scan at most this many files (deterministic by path hash); None = all.
@@ -183,6 +187,7 @@ class CodeSearchDataModule(L.LightningDataModule):
         tokenizer_dir: str | None = None,
         build_workers: int | None = None,
         sampler: Any = None,
+        packages: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if source not in ("local", "jsonl"):
@@ -210,6 +215,7 @@ class CodeSearchDataModule(L.LightningDataModule):
         self.max_query_length, self.max_doc_length = max_query_length, max_doc_length
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.seed, self.tokenizer_dir, self.build_workers = seed, tokenizer_dir, build_workers
+        self.packages = None if packages is None else {str(k): str(v) for k, v in dict(packages).items()}
         self.sampler = sampler  # a contrastive.samplers NegativeSampler, set up on the train split in setup()
         self._sampler_corpus: str | None = None
         self.corpus: CodeSearchCorpus | None = None
@@ -225,7 +231,8 @@ class CodeSearchDataModule(L.LightningDataModule):
                           max_group_pairs=self.max_group_pairs, split_method=self.split_method,
                           workers=self.build_workers)
             if self.source == "local":
-                self.corpus = build_local_corpus(self.path, max_files=self.max_files, skip_tests=self.skip_tests, **common)
+                self.corpus = build_local_corpus(self.path, max_files=self.max_files, skip_tests=self.skip_tests,
+                                                 packages=self.packages, **common)
             else:
                 self.corpus = build_jsonl_corpus(self.path, **common)  # type: ignore[arg-type]
             if self.corpus.report.total:
@@ -394,6 +401,33 @@ class CodeSearchDataModule(L.LightningDataModule):
     @property
     def pad_id(self) -> int:
         return 0
+
+    def provenance(self) -> dict[str, Any]:
+        """What the corpus was built from and its fingerprints (printed and saved with every run):
+        ``source`` (the source set's description, the roots, or the jsonl path), ``content_fingerprint``
+        (sha1 of the records: equal corpora give equal values on any machine), ``cache_fingerprint``
+        (settings + input files' paths, sizes and times) and the split sizes."""
+        corpus = self._ensure_corpus()
+        meta = corpus.meta
+        content = meta.get("content_fingerprint")
+        if not content:  # jsonl corpora and caches written before content fingerprints
+            from datamodules.codesearch.corpus import content_fingerprint
+
+            content = content_fingerprint(corpus.records())
+        source = meta.get("source_set") or (meta.get("settings") or {}).get("roots") or self.path
+        return {"kind": meta.get("kind"), "source": source, "content_fingerprint": content,
+                "cache_fingerprint": corpus.fingerprint, "splits": corpus.split_sizes(), "records": len(corpus)}
+
+    def provenance_summary(self) -> str:
+        """One line: the source set and the content fingerprint."""
+        p = self.provenance()
+        src = p["source"]
+        if isinstance(src, dict) and "packages" in src:
+            from datamodules.codesearch.corpus import SourceSet
+
+            src = SourceSet([], src).summary()
+        return (f"codesearch corpus: {p['records']} pairs {p['splits']} from {src}; "
+                f"fingerprint {p['content_fingerprint'][:16]}")
 
     def describe(self) -> dict[str, Any]:
         """Corpus sizes per split, duplicate groups (>1 member), bad-input counts, filters, vocabulary."""
