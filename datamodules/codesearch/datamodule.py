@@ -149,6 +149,8 @@ class CodeSearchDataModule(L.LightningDataModule):
         skip_tests: local source: leave out test directories/files.
         vocab_size: BPE vocabulary size (trained on the train split only).
         min_frequency: BPE minimum pair frequency.
+        code_aware: split identifiers (camelCase, ``_``, ``.``) and lower-case before the BPE, one vocabulary
+            for queries and code (see :mod:`contrastive.encoders.tokenizer`).
         max_query_length / max_doc_length: token limits including ``[CLS]``.
         batch_size: training batch size (``drop_last=True``, seeded shuffle).
         eval_batch_size: batch size of valid/test loaders and of :meth:`text_loader`.
@@ -188,6 +190,7 @@ class CodeSearchDataModule(L.LightningDataModule):
         build_workers: int | None = None,
         sampler: Any = None,
         packages: dict[str, str] | None = None,
+        code_aware: bool = False,
     ) -> None:
         super().__init__()
         if source not in ("local", "jsonl"):
@@ -212,6 +215,7 @@ class CodeSearchDataModule(L.LightningDataModule):
         self.split_fractions, self.split_method = tuple(float(x) for x in split_fractions), split_method
         self.min_query_words, self.min_code_lines, self.skip_tests = min_query_words, min_code_lines, skip_tests
         self.vocab_size_requested, self.min_frequency = vocab_size, min_frequency
+        self.code_aware = bool(code_aware)
         self.max_query_length, self.max_doc_length = max_query_length, max_doc_length
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.seed, self.tokenizer_dir, self.build_workers = seed, tokenizer_dir, build_workers
@@ -244,13 +248,17 @@ class CodeSearchDataModule(L.LightningDataModule):
         if self.tokenizer_dir is not None:
             return Path(self.tokenizer_dir).expanduser()
         corpus = self._ensure_corpus()
-        return self.cache_dir / "tokenizers" / f"{corpus.fingerprint[:16]}-v{self.vocab_size_requested}-f{self.min_frequency}"
+        mode = "-code" if self.code_aware else ""
+        return self.cache_dir / "tokenizers" / f"{corpus.fingerprint[:16]}-v{self.vocab_size_requested}-f{self.min_frequency}{mode}"
 
     def _ensure_tokenizer(self) -> BPETokenizer:
         if self.tokenizer is None:
             d = self._resolved_tokenizer_dir()
             if BPETokenizer.exists(d):
                 self.tokenizer = BPETokenizer.load(d)
+                if self.tokenizer.code_aware != self.code_aware:
+                    raise ValueError(f"codesearch: the tokenizer in {d} has code_aware={self.tokenizer.code_aware} "
+                                     f"but data.code_aware={self.code_aware}; remove it or change the setting")
                 if self.tokenizer.vocab_size > self.vocab_size_requested:
                     log.warning("codesearch: tokenizer loaded from %s has %d ids, more than vocab_size=%d",
                                 d, self.tokenizer.vocab_size, self.vocab_size_requested)
@@ -258,7 +266,8 @@ class CodeSearchDataModule(L.LightningDataModule):
                 train = self._ensure_corpus().records("train")
                 texts = [r.query for r in train] + [r.document for r in train]
                 log.info("codesearch: training a %d-id BPE tokenizer on %d train texts", self.vocab_size_requested, len(texts))
-                self.tokenizer = BPETokenizer.train(texts, self.vocab_size_requested, self.min_frequency)
+                self.tokenizer = BPETokenizer.train(texts, self.vocab_size_requested, self.min_frequency,
+                                                    code_aware=self.code_aware)
                 self.tokenizer.save(d)
             self.tokenizer_dir_used = str(d)
         return self.tokenizer
