@@ -14,10 +14,10 @@ EXP = ROOT / "configs" / "codesearch" / "infonce.yaml"
 
 
 def test_composes_groups_and_applies_overrides_in_order():
-    cfg = load_config(EXP, ["loss.temperature=0.2", "trainer.max_epochs=3", "model.encoder.num_layers=1"])
+    cfg = load_config(EXP, ["loss.temperature=0.2", "trainer.max_epochs=3", "model.encoder.dim=64"])
     assert cfg["loss"]["name"] == "infonce" and cfg["loss"]["temperature"] == 0.2
     assert cfg["trainer"]["max_epochs"] == 3
-    assert cfg["model"]["encoder"]["num_layers"] == 1
+    assert cfg["model"]["encoder"]["dim"] == 64
     assert cfg["data"]["name"] == "codesearch"
     assert "defaults" not in cfg
 

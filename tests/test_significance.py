@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from contrastive.metrics.significance import (mean_over_seeds, paired_bootstrap_test, paired_randomization_test,
+from contrastive.metrics.significance import (compare_to_baseline, mean_over_seeds, mean_std, paired_bootstrap_test, paired_randomization_test,
                                               reciprocal_ranks, significance_mark)
 
 
@@ -52,3 +52,13 @@ def test_helpers_and_bad_input():
         reciprocal_ranks([0, 1])
     with pytest.raises(ValueError, match="equal length"):
         mean_over_seeds([[1.0], [1.0, 2.0]])
+
+
+def test_mean_std_and_compare_to_baseline():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0) and mean_std([0.5]) == (0.5, 0.0)
+    base = [[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]]  # per-query seed means (0.5, 0.5, 0.5)
+    out = compare_to_baseline({"base": base, "up": [[1.0, 1.5, 1.5], [2.0, 1.5, 1.5]]}, "base")
+    # seed means (1.5, 1.5, 1.5) - (0.5, 0.5, 0.5) = (1, 1, 1): exact sign-flip p = 2/8
+    assert set(out) == {"up"} and out["up"].diff == pytest.approx(1.0) and out["up"].p_value == pytest.approx(0.25)
+    with pytest.raises(KeyError, match="baseline"):
+        compare_to_baseline({"a": base}, "b")

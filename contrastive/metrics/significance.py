@@ -19,12 +19,12 @@ Several seeds per system: average each query's score over the seeds first
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["PairedTestResult", "mean_over_seeds", "paired_bootstrap_test", "paired_randomization_test",
+__all__ = ["PairedTestResult", "compare_to_baseline", "mean_over_seeds", "mean_std", "paired_bootstrap_test", "paired_randomization_test",
            "reciprocal_ranks", "significance_mark"]
 
 
@@ -135,3 +135,33 @@ def significance_mark(result: PairedTestResult, levels: Sequence[float] = (0.05,
     preceded by ``+`` or ``-`` for the sign of the difference."""
     stars = sum(result.p_value < lv for lv in levels)
     return "" if not stars else ("+" if result.diff > 0 else "-") + "*" * stars
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``; ``0`` for a single value) of per-seed results."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        raise ValueError("mean_std: no values")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def compare_to_baseline(per_query: Mapping[str, Sequence[ArrayLike]], baseline: str,
+                        test: Callable[..., PairedTestResult] = paired_randomization_test,
+                        **test_kwargs: float) -> dict[str, PairedTestResult]:
+    """Test every system against ``baseline`` on the same queries.
+
+    Args:
+        per_query: system -> one ``(Q,)`` per-query score array per seed (same queries, same order).
+        baseline: the reference system's key.
+        test: :func:`paired_randomization_test` or :func:`paired_bootstrap_test`.
+        test_kwargs: passed to ``test`` (``n_resamples``, ``seed``).
+
+    Returns:
+        system -> result of ``test(mean_over_seeds(system), mean_over_seeds(baseline))`` for every system
+        other than the baseline.
+    """
+    if baseline not in per_query:
+        raise KeyError(f"compare_to_baseline: baseline {baseline!r} is not among {sorted(per_query)}")
+    ref = mean_over_seeds(per_query[baseline])
+    return {name: test(mean_over_seeds(scores), ref, **test_kwargs)
+            for name, scores in per_query.items() if name != baseline}
