@@ -64,7 +64,7 @@ def test_notebook_executes_at_smoke_scale(source, python3_kernel, tmp_path, monk
             assert 0.0 <= r["test"]["mrr"] <= 1.0
         assert (out / "ablation.md").read_text().count("| faiss_hard_filtered |") == 2  # seeds table + seed-0 table
         seed_rows = summary["seed_rows"]
-        assert list(seed_rows) == [r["sampler"] for r in summary["rows"]] and summary["seeds"] == 2
+        assert set(seed_rows) == {r["sampler"] for r in summary["rows"]} and summary["seeds"] == 2
         assert all(r["seeds"] == 2 and 0.0 <= r["test_vs_baseline"]["p_value"] <= 1.0
                    for k, r in seed_rows.items() if k != "in_batch")
         dups = summary["duplicates"]
