@@ -184,6 +184,17 @@ class _OnStart:
         return OnStart()
 
 
+def save_provenance(job: Job, run_dir: Path) -> None:
+    """Print the dataset's provenance line and save ``run_dir/corpus.json`` (datamodules with ``provenance()``)."""
+    dm = job.datamodule
+    if not hasattr(dm, "provenance"):
+        return
+    from contrastive.io import atomic_write_text
+
+    print(dm.provenance_summary() if hasattr(dm, "provenance_summary") else json.dumps(dm.provenance()))
+    atomic_write_text(run_dir / "corpus.json", json.dumps(dm.provenance(), indent=2, sort_keys=True))
+
+
 def save_results(run_dir: Path, results: dict) -> None:
     from contrastive.io import atomic_write_text
 
@@ -221,7 +232,38 @@ def evaluate(job: Job, trainer: Any, ckpt: Optional[str]) -> dict[str, Any]:
         print(f"\nTest retrieval on {int(model_m.get('corpus_size', 0))} documents ({job.cfg['experiment']}):")
         print(format_table(rows, REPORT_KEYS))
         save_results(job.run_dir, results)
+        save_test_ranks(job, job.run_dir)
     return results
+
+
+def save_test_ranks(job: Job, run_dir: Path) -> Optional[Path]:
+    """Write ``run_dir/test_ranks.json``: each test query's ``pair_id`` and the 1-based full-corpus rank of its
+    gold document (unfiltered, as the ``mrr`` of ``results.json``), the input of paired significance tests
+    (:mod:`contrastive.metrics.significance`). Skipped for models or datamodules without the needed API."""
+    import torch
+
+    from contrastive.io import atomic_write_text
+    from contrastive.metrics.retrieval import gold_ranks
+
+    model, dm = job.model, job.datamodule
+    if not (hasattr(model, "encode_queries") and hasattr(model, "encode_documents") and hasattr(dm, "test_dataloader")):
+        return None
+    q, d, ids = [], [], []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
+            q.append(model.encode_queries(batch["query_ids"], batch["query_mask"]).float())
+            d.append(model.encode_documents(batch["doc_ids"], batch["doc_mask"]).float())
+            ids.append(batch["pair_id"])
+    model.train(was_training)
+    order = torch.argsort(torch.cat(ids))
+    qe, de = torch.cat(q)[order], torch.cat(d)[order]
+    ranks = gold_ranks(qe, de, torch.arange(qe.shape[0], device=qe.device))
+    out = run_dir / "test_ranks.json"
+    atomic_write_text(out, json.dumps({"pair_id": torch.cat(ids)[order].tolist(), "rank": ranks.tolist()}))
+    return out
 
 
 def device_info(trainer: Any) -> dict[str, Any]:
@@ -275,6 +317,7 @@ def _fit(job: Job, cfg: dict, ckpt: Optional[str], resume_step: Optional[int],
 
     trainer = job.trainer(callbacks_extra=[_OnStart(run_dir, write)], resume_step=resume_step)
     print(f"Run directory: {run_dir}")
+    save_provenance(job, run_dir)
     try:
         trainer.fit(job.model, datamodule=job.datamodule, ckpt_path=ckpt)
     except (ValueError, TypeError, _misconfiguration()) as e:  # bad settings found while Lightning sets up

@@ -47,11 +47,11 @@ OUT = os.environ.get("CONTRASTIVE_NOTEBOOK_OUT")  # runs directory; None = runs/
 SAMPLERS = ["in_batch", "bm25", "faiss_hard", "faiss_hard_filtered", "ngame"]
 DEEP_K = 10  # negatives per query in the closer look at duplicates (section 3)
 FULL_BATCHES = int(os.environ.get("CONTRASTIVE_NOTEBOOK_FULL_BATCHES", "100"))  # full scale: batches per epoch
+SEEDS = int(os.environ.get("CONTRASTIVE_NOTEBOOK_SEEDS", "2" if SCALE == "smoke" else "3"))  # seeds per sampler
 REUSE = os.environ.get("CONTRASTIVE_NOTEBOOK_REUSE", "0") == "1"  # reuse finished runs with the same config in OUT
 
 # %%
 import csv
-import hashlib
 import json
 import logging
 import sys
@@ -68,6 +68,7 @@ import contrastive
 from contrastive.build import build_datamodule
 from contrastive.cli import load_config, main as contrastive_main, next_version_dir
 from contrastive.samplers.table import MinedTable
+from datamodules.codesearch.corpus import content_fingerprint
 
 if SCALE not in ("smoke", "full"):
     raise ValueError(f"CONTRASTIVE_NOTEBOOK_SCALE must be 'smoke' or 'full'; got {SCALE!r}")
@@ -115,8 +116,8 @@ print(f"scale={SCALE}  root={ROOT}  out={OUT}  torch threads={torch.get_num_thre
 #   `_patch.start` / `_patch_dict.start`, `Misc.pack_slaves` / `Misc.grid_slaves`), a tiny model,
 #   3 epochs of 20 batches of 16.
 # - **full**: the embedded default corpus (`configs/data/codesearch.yaml`: Python functions with
-#   docstrings from this machine's standard library and installed packages, at most 30k pairs) and the
-#   default model, 2 epochs of `FULL_BATCHES` (default 100) batches of 64 and a learning-rate warm-up of
+#   docstrings from the standard library and the pinned project dependencies, fingerprint printed below)
+#   and the default model, `SEEDS` seeds (default 3) of 2 epochs of `FULL_BATCHES` (default 100) batches of 64 and a learning-rate warm-up of
 #   `FULL_BATCHES // 5` steps (the shipped 100-step warm-up would take half of this budget). The first
 #   epoch is the random-negative warm-up of `faiss_hard*` (first refresh at the start of epoch 1); NGAME
 #   clusters from epoch 1.
@@ -129,7 +130,7 @@ if SCALE == "smoke":
     roots = ",".join(str(STD / p) for p in SMOKE_PACKAGES)
     DATA = [f"data.path=[{roots}]", f"data.cache_dir={OUT / 'cache'}", "data.max_pairs=800", "data.vocab_size=600",
             "data.batch_size=16", "data.max_doc_length=64", "data.split_method=balanced"]
-    MODEL = ["model.encoder.dim=32", "model.encoder.ff_dim=64", "model.encoder.num_layers=1", "model.projection_dim=32"]
+    MODEL = ["model.encoder.dim=32", "model.projection_dim=32"]
     BUDGET = ["trainer.max_epochs=3", "trainer.limit_train_batches=20", "trainer.log_every_n_steps=1",
               "optim.warmup_steps=2"]
 else:
@@ -151,17 +152,13 @@ def load_corpus():
 
 
 def content_digest(c) -> str:
-    """sha1 of what the runs see (splits, duplicate groups, texts); unlike the cache fingerprint it does not
-    change when a file is merely touched or a package reinstalled."""
-    h = hashlib.sha1()
-    for r in c.records():
-        h.update(f"{r.id}\t{r.split}\t{r.dup_group}\t{r.query}\t{r.document}\n".encode("utf-8", "replace"))
-    return h.hexdigest()[:16]
+    """The corpus content fingerprint (splits, duplicate groups, texts; independent of paths and file times)."""
+    return content_fingerprint(c.records())[:16]
 
 
 datamodule, corpus_info = load_corpus()
 corpus = datamodule.corpus
-CORPUS_FP = content_digest(corpus)  # the default corpus depends on this machine's stdlib + site-packages
+CORPUS_FP = content_digest(corpus)  # the default corpus: stdlib + the pinned packages (README)
 train = corpus.records("train")
 group_size = Counter(r.dup_group for r in train)
 train_dup_rows = sum(n for n in group_size.values() if n > 1)
@@ -240,21 +237,38 @@ def check_same_corpus(run_dir: Path) -> None:
     (run_dir / STAMP).write_text(CORPUS_FP + "\n")
 
 
-RUNS: dict[str, Path] = {}
+RUNS: dict[str, Path] = {}  # seed 0 of every sampler (the false-negative analysis below)
+SEED_RUNS: dict[str, list[Path]] = {}
 for name in SAMPLERS:
     experiment = f"ablation_{name}"
-    argv = [f"sampler={name}", f"experiment={experiment}", *COMMON]
-    t0 = time.perf_counter()
-    run_dir = finished_run(experiment, argv)
-    if run_dir is None:
-        run_dir = next_version_dir(OUT / "runs" / experiment)  # the directory `fit` is about to create
-        code = run_cli(["fit", str(EXP), *argv], OUT / "logs" / f"{experiment}.log")
-        assert code == 0, f"fit with sampler={name} exited with {code}; see {OUT / 'logs' / f'{experiment}.log'}"
-        assert (run_dir / "results.json").is_file(), f"{run_dir}: no results.json"
-        check_same_corpus(run_dir)
-    RUNS[name] = run_dir
-    mrr = json.loads((run_dir / "results.json").read_text())["test"]["mrr"]
-    print(f"{name:>20}: test MRR {mrr:.4f}  ({time.perf_counter() - t0:.0f}s)  {run_dir}")
+    for seed in range(SEEDS):
+        argv = [f"sampler={name}", f"experiment={experiment}", f"seed={seed}", *COMMON]
+        t0 = time.perf_counter()
+        run_dir = finished_run(experiment, argv)
+        if run_dir is None:
+            run_dir = next_version_dir(OUT / "runs" / experiment)  # the directory `fit` is about to create
+            code = run_cli(["fit", str(EXP), *argv], OUT / "logs" / f"{experiment}_seed{seed}.log")
+            assert code == 0, f"fit with sampler={name} seed={seed} exited with {code}; see {OUT / 'logs'}"
+            assert (run_dir / "results.json").is_file(), f"{run_dir}: no results.json"
+            check_same_corpus(run_dir)
+        SEED_RUNS.setdefault(name, []).append(run_dir)
+        RUNS.setdefault(name, run_dir)
+        mrr = json.loads((run_dir / "results.json").read_text())["test"]["mrr"]
+        print(f"{name:>20} seed {seed}: test MRR {mrr:.4f}  ({time.perf_counter() - t0:.0f}s)  {run_dir}")
+
+# %% [markdown]
+# ### Seeds and significance
+#
+# Mean ± std over the seeds of every sampler; `Δ mrr` and `p` compare each row with `in_batch` by a paired
+# randomization test over the test queries (per-query reciprocal ranks averaged over seeds; `*` p < 0.05,
+# `**` p < 0.01).
+
+# %%
+sys.path.insert(0, str(ROOT / "notebooks"))
+from _ablation import seeds_table  # noqa: E402  (shared with loss_ablation)
+
+SEED_TABLE_MD, SEED_ROWS = seeds_table(SEED_RUNS, "in_batch", "sampler")
+show_markdown(f"{SEEDS} seeds per sampler, corpus fingerprint {CORPUS_FP}\n\n" + SEED_TABLE_MD)
 
 # %% [markdown]
 # ### How the false-negative rate is measured
@@ -354,10 +368,13 @@ caption = (f"Code search ({SCALE} scale): {CORPUS['splits']['train']} training p
            f"{test_size} test documents; same budget for every sampler: `{budget}` (batch size {BATCH}).")
 show_markdown(caption + "\n\n" + TABLE_MD)
 
-(OUT / "ablation.md").write_text(f"# Sampler ablation ({SCALE})\n\n{caption}\n\n{TABLE_MD}\n\nFalse-negative sources:\n\n"
+(OUT / "ablation.md").write_text(f"# Sampler ablation ({SCALE})\n\n{caption}\n\n{SEEDS} seeds per sampler (mean ± std, paired test "
+                                 f"against in_batch):\n\n{SEED_TABLE_MD}\n\nSeed 0 and false negatives:\n\n{TABLE_MD}\n\n"
+                                 "False-negative sources:\n\n"
                                  + "\n".join(f"- {r['sampler']}: {r['fn_source']}" for r in ROWS) + "\n")
 (OUT / "ablation.json").write_text(json.dumps({"scale": SCALE, "overrides": COMMON, "batch_size": BATCH,
-                                               "corpus": CORPUS, "rows": ROWS, "bm25_baseline": BM25_BASELINE},
+                                               "corpus": CORPUS, "rows": ROWS, "bm25_baseline": BM25_BASELINE,
+                                               "seeds": SEEDS, "seed_rows": SEED_ROWS},
                                               indent=1, sort_keys=True))
 print(f"wrote {OUT / 'ablation.md'} and {OUT / 'ablation.json'}")
 

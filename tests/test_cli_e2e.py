@@ -20,7 +20,7 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
     return [
         f"data.path=[{roots}]", f"data.cache_dir={tmp_path / 'cache'}", "data.max_pairs=600", "data.vocab_size=600",
         "data.batch_size=16", "data.max_doc_length=64", "data.split_method=balanced",
-        "model.encoder.dim=32", "model.encoder.ff_dim=64", "model.encoder.num_layers=1", "model.projection_dim=32",
+        "model.encoder.dim=32", "model.projection_dim=32",
         "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false", "optim.warmup_steps=2", f"run.output_dir={tmp_path / 'runs'}",
     ]
@@ -35,7 +35,8 @@ def fitted(tmp_path_factory):
 
 def test_fit_writes_run_directory_and_results(fitted, capsys):
     tmp, run = fitted
-    for rel in ("config.yaml", "metrics.csv", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "tokenizer", "results.json"):
+    for rel in ("config.yaml", "metrics.csv", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "tokenizer", "results.json",
+                "corpus.json", "learning_curve.png", "learning_curve.csv", "test_ranks.json"):
         assert (run / rel).exists(), rel
     assert list(run.glob("events.out.tfevents*")), "TensorBoard log missing"
     res = json.loads((run / "results.json").read_text())
@@ -43,6 +44,14 @@ def test_fit_writes_run_directory_and_results(fitted, capsys):
         assert 0.0 <= res["test"][key] <= 1.0
         assert 0.0 <= res["bm25"][key] <= 1.0
     assert res["test"]["corpus_size"] > 10
+    ranks = json.loads((run / "test_ranks.json").read_text())  # per-query ranks behind the test MRR
+    assert len(ranks["rank"]) == len(ranks["pair_id"]) == res["test"]["corpus_size"]
+    assert sum(1.0 / r for r in ranks["rank"]) / len(ranks["rank"]) == pytest.approx(res["test"]["mrr"], abs=1e-6)
+    corpus = json.loads((run / "corpus.json").read_text())
+    assert len(corpus["content_fingerprint"]) == 40 and corpus["splits"]["test"] == res["test"]["corpus_size"]
+    curve = (run / "learning_curve.csv").read_text().splitlines()
+    # 2 epochs, validated twice per epoch (val_check_interval: 0.5 in configs/codesearch/infonce.yaml)
+    assert curve[0] == "metric,step,value" and sum(line.startswith("val/mrr,") for line in curve) == 4
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert "defaults" not in saved and saved["data"]["max_pairs"] == 600
 

@@ -62,12 +62,17 @@ def test_notebook_executes_at_smoke_scale(source, python3_kernel, tmp_path, monk
         assert [r["sampler"] for r in summary["rows"]] == ["in_batch", "bm25", "faiss_hard", "faiss_hard_filtered", "ngame"]
         for r in summary["rows"]:
             assert 0.0 <= r["test"]["mrr"] <= 1.0
-        assert (out / "ablation.md").read_text().count("| faiss_hard_filtered |") == 1
+        assert (out / "ablation.md").read_text().count("| faiss_hard_filtered |") == 2  # seeds table + seed-0 table
+        seed_rows = summary["seed_rows"]
+        assert set(seed_rows) == {r["sampler"] for r in summary["rows"]} and summary["seeds"] == 2
+        assert all(r["seeds"] == 2 and 0.0 <= r["test_vs_baseline"]["p_value"] <= 1.0
+                   for k, r in seed_rows.items() if k != "in_batch")
         dups = summary["duplicates"]
         assert any(d["before"] > 0 for d in dups.values())
         assert all(d["after"] == 0 for k, d in dups.items() if "faiss_hard_filtered" in k)
     if source.stem == "loss_ablation":
-        results = json.loads((out / "loss_ablation.json").read_text())
-        assert set(results) >= {"infonce", "dcl", "hcl", "soft_infonce_bm25", "cement", "slipform"}
-        assert all(0.0 <= r["test"]["mrr"] <= 1.0 for r in results.values())
+        rows = json.loads((out / "loss_ablation.json").read_text())["rows"]
+        assert set(rows) >= {"infonce", "dcl", "hcl", "soft_infonce_bm25", "cement", "slipform"}
+        assert all(0.0 <= r["mrr"][0] <= 1.0 and r["seeds"] == 2 for r in rows.values())
+        assert all(0.0 <= r["test_vs_baseline"]["p_value"] <= 1.0 for k, r in rows.items() if k != "infonce")
         assert "| BM25 (baseline) |" in (out / "loss_ablation.md").read_text()

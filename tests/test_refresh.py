@@ -285,7 +285,7 @@ def source_tree(tmp_path_factory):
 
 
 def mine_args(src, tmp, *extra):
-    return ["mine", "configs/codesearch/infonce.yaml", f"data.path={src}", f"data.cache_dir={tmp / 'cache'}",
+    return ["mine", "configs/codesearch/infonce.yaml", "model=tiny_transformer", f"data.path={src}", f"data.cache_dir={tmp / 'cache'}",
             "data.vocab_size=300", "data.max_doc_length=32", "data.batch_size=8", "data.max_pairs=null",
             "model.encoder.dim=16", "model.encoder.num_layers=1", "model.encoder.num_heads=2",
             "model.encoder.ff_dim=32", "model.projection_dim=8", f"run.output_dir={tmp / 'runs'}", *extra]

@@ -80,3 +80,19 @@ def test_errors(tmp_path, tok):
         tok.encode_batch(["x"], max_length=0)
     with pytest.raises(TokenizerError, match="expected str"):
         tok.encode_batch(["x", None], max_length=4)  # type: ignore[list-item]
+
+
+def test_code_aware_mode_splits_identifiers_and_shares_words(tmp_path):
+    from contrastive.encoders.tokenizer import split_identifiers
+
+    assert split_identifiers("self.parseJSONData_from(x)") == "self parse json data from(x)"
+    assert split_identifiers("HTTPServer getX fooBar2Baz __init__") == "http server get x foo bar2 baz   init  "
+    code = BPETokenizer.train(TEXTS, vocab_size=400, min_frequency=2, code_aware=True)
+    assert code.code_aware and not BPETokenizer.train(TEXTS, vocab_size=400).code_aware
+    # a word is one token whether it starts the text, follows a space or a dot, or sits in an identifier
+    words = code.tokenize("Parse the date")
+    assert code.tokenize("def parse_date(value)")[1:3] == words[0:1] + words[2:3]
+    assert code.tokenize("x.parseDate") == ["x"] + words[0:1] + words[2:3]
+    code.save(tmp_path)
+    again = BPETokenizer.load(tmp_path)
+    assert again.code_aware and again.tokenize("getParsedDate") == code.tokenize("getParsedDate")

@@ -6,7 +6,10 @@
   (``faiss_hard``, ``ngame``), scheduled by the sampler's ``refresh_schedule`` (or its own
   ``should_refresh``); it also writes the quality report at every refresh;
 - a :class:`~contrastive.callbacks.report.NegativeReportCallback` when the sampler holds a fixed mined
-  table (``bm25``: ``mined_table()``), which reports it once at the start of training.
+  table (``bm25``: ``mined_table()``), which reports it once at the start of training;
+- a :class:`~contrastive.callbacks.learning_curve.LearningCurveCallback` writing ``learning_curve.png``
+  (validation MRR against steps) into the run directory at the end of fit (``callbacks.learning_curve:
+  false`` turns it off).
 
 Optional ``callbacks.refresh`` keys in the experiment config: ``cache_dir``, ``batch_size``, ``report``,
 ``use_cache``, ``progress_bar``; ``callbacks.negative_report: false`` turns the reports off.
@@ -15,11 +18,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from contrastive.callbacks.learning_curve import LearningCurveCallback, plot_learning_curve
 from contrastive.callbacks.refresh import NegativeRefreshCallback
 from contrastive.callbacks.report import NegativeQualityReport, NegativeReportCallback, negative_quality
 from contrastive.samplers.base import NegativeSampler
 
-__all__ = ["NegativeRefreshCallback", "NegativeReportCallback", "NegativeQualityReport", "negative_quality",
+__all__ = ["LearningCurveCallback", "plot_learning_curve", "NegativeRefreshCallback", "NegativeReportCallback", "NegativeQualityReport", "negative_quality",
            "build_callbacks", "config_fingerprint"]
 
 _REFRESH_KEYS = ("cache_dir", "batch_size", "report", "use_cache", "progress_bar")
@@ -42,6 +46,8 @@ def build_callbacks(cfg: dict, job: Any) -> list:
     section = dict((cfg.get("callbacks") or {}))
     reports = bool(section.get("negative_report", True))
     out: list = []
+    if section.get("learning_curve", True) and getattr(job, "run_dir", None) is not None:
+        out.append(LearningCurveCallback(job.run_dir))
     if sampler is None:
         return out
     schedule = sampler.refresh_schedule

@@ -5,6 +5,13 @@ covers every input (the 256 byte symbols are always in the vocabulary), so ``[UN
 practice. :meth:`BPETokenizer.encode_batch` prepends ``[CLS]``, truncates to ``max_length`` and pads to the
 longest sequence of the batch.
 
+Code-aware mode (``code_aware=True`` in :meth:`BPETokenizer.train`) splits identifiers before the BPE, as
+CodeSearchNet's baselines do (Husain et al. 2019, arXiv 1909.09436): a normaliser breaks camelCase
+(``parseJSONData`` -> ``parse json data``), snake_case and dotted names (``_`` and ``.`` become spaces) and
+lower-cases everything; words and punctuation are then split apart (no space markers), so a word is the
+same token whether it appears in a query or in code: one vocabulary serves both. The normaliser is part of
+``tokenizer.json``, so a saved tokenizer keeps its mode.
+
 Example::
 
     tok = BPETokenizer.train(texts, vocab_size=8000)
@@ -19,11 +26,11 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from contrastive.io import atomic_write
 
-__all__ = ["BPETokenizer", "SPECIAL_TOKENS", "TokenizerError"]
+__all__ = ["BPETokenizer", "SPECIAL_TOKENS", "TokenizerError", "code_normalizer", "split_identifiers"]
 
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 TOKENIZER_FILE = "tokenizer.json"
@@ -32,6 +39,23 @@ _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 class TokenizerError(ValueError):
     """Bad tokenizer argument or file."""
+
+
+#: Word boundaries inside identifiers: lower/digit -> upper (``parseJson``), and the end of an upper-case
+#: run before a capitalised word (``JSONData`` -> ``JSON Data``).
+_CAMEL_BOUNDARY = r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])"
+
+
+def code_normalizer() -> normalizers.Normalizer:
+    """The code-aware normaliser: camelCase boundaries, ``_`` and ``.`` become spaces, then lower case."""
+    return normalizers.Sequence([normalizers.Replace(Regex(_CAMEL_BOUNDARY), " "),
+                                 normalizers.Replace(Regex(r"[_.]"), " "), normalizers.Lowercase()])
+
+
+def split_identifiers(text: str) -> str:
+    """``text`` as the code-aware tokenizer sees it before the BPE
+    (``"self.parseJSONData_from(x)" -> "self parse json data from(x)"``)."""
+    return code_normalizer().normalize_str(text)
 
 
 class BPETokenizer:
@@ -54,7 +78,8 @@ class BPETokenizer:
 
     # ---------------------------------------------------------------------------------------- build
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2) -> "BPETokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2,
+              code_aware: bool = False) -> "BPETokenizer":
         """Train on ``texts`` (e.g. the train split's queries and code only).
 
         Args:
@@ -62,6 +87,7 @@ class BPETokenizer:
             vocab_size: target vocabulary size including the 256 byte symbols and 4 special tokens
                 (the result may be smaller on a tiny corpus).
             min_frequency: minimum count of a pair to be merged.
+            code_aware: split identifiers and lower-case before the BPE (module docstring).
         """
         if vocab_size < _MIN_VOCAB:
             raise TokenizerError(f"vocab_size must be >= {_MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special "
@@ -69,7 +95,13 @@ class BPETokenizer:
         if min_frequency < 1:
             raise TokenizerError(f"min_frequency must be >= 1; got {min_frequency}")
         tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        if code_aware:
+            tok.normalizer = code_normalizer()
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        else:
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                       special_tokens=list(SPECIAL_TOKENS),
@@ -124,6 +156,11 @@ class BPETokenizer:
     @property
     def pad_id(self) -> int:
         return 0
+
+    @property
+    def code_aware(self) -> bool:
+        """Whether identifiers are split before the BPE (a tokenizer trained with ``code_aware=True``)."""
+        return self._tok.normalizer is not None
 
     @property
     def unk_id(self) -> int:

@@ -1,7 +1,9 @@
 """The code-search corpus: records, leak-free splits, duplicate groups, bad-input report, disk cache.
 
 A corpus is a list of :class:`CodePair` with ids ``0..N-1`` (the position in the list), built either from
-Python source on this machine (:func:`build_local_corpus`, the default dataset) or from CodeSearchNet
+Python source on this machine (:func:`build_local_corpus`; the default dataset reads a fixed source set,
+the standard library plus the pinned distributions of :data:`DEFAULT_PACKAGES`, see
+:func:`resolve_source_set`; any directories of Python sources can be given instead) or from CodeSearchNet
 jsonl files (:func:`datamodules.codesearch.jsonl.build_jsonl_corpus`). Both builders go through
 :func:`finalize` which
 
@@ -16,7 +18,8 @@ jsonl files (:func:`datamodules.codesearch.jsonl.build_jsonl_corpus`). Both buil
 The built corpus is cached as ``<cache_dir>/<kind>-<fingerprint>.jsonl.gz`` (a header line with the
 settings, report and statistics, then one JSON record per line), written atomically. The fingerprint
 covers the settings and every selected input file's path, size and mtime, so editing a source file,
-adding one or changing a setting gives a new cache file. The cache directory is ``cache_dir`` if
+adding one or changing a setting gives a new cache file. The corpus ``meta`` also holds a ``content_fingerprint``
+(sha1 of the records only), which names the corpus itself independently of paths and file times. The cache directory is ``cache_dir`` if
 given, else ``$CONTRASTIVE_CACHE/codesearch``, else ``~/.cache/contrastive/codesearch``.
 """
 from __future__ import annotations
@@ -458,15 +461,106 @@ def finalize(items: list[Item], split_fractions: Sequence[float], max_pairs: int
 
 # ------------------------------------------------------------------------------------ local source
 
-def default_roots() -> list[str]:
-    """The standard library and the pure-Python site-packages directory of this interpreter."""
-    paths = sysconfig.get_paths()
+#: The default source set's pinned distributions: the project's runtime dependencies (``setup.cfg``
+#: ``install_requires``) at the versions the README's numbers were measured with. Only these
+#: distributions' own files (their ``RECORD``) and the standard library are read, so installing or
+#: removing any other package leaves the default corpus unchanged.
+DEFAULT_PACKAGES: dict[str, str] = {
+    "bm25s": "0.3.16", "lightning": "2.6.6", "matplotlib": "3.11.2", "numpy": "2.4.6",
+    "omegaconf": "2.4.0", "open_clip_torch": "3.3.0", "scipy": "1.17.1", "tensorboard": "2.21.0",
+    "timm": "1.0.31", "tokenizers": "0.23.3", "torch": "2.14.1", "torchmetrics": "1.9.0",
+    "torchvision": "0.29.2", "tqdm": "4.70.1",
+}
+
+
+@dataclass
+class SourceSet:
+    """A named, fixed set of Python sources: the standard library plus pinned distributions.
+
+    Attributes:
+        files: ``(root index, root, path relative to root)`` of every selected ``*.py`` file, sorted.
+        description: what the set is (``python`` version, ``stdlib`` flag, installed ``packages`` with their
+            versions, ``pinned`` versions, ``missing`` and ``version_mismatch`` lists); machine-independent
+            (no absolute paths), it goes into the corpus fingerprint and is printed and saved with a run.
+    """
+
+    files: list[tuple[int, str, str]]
+    description: dict[str, Any]
+
+    def summary(self) -> str:
+        d = self.description
+        pk = ", ".join(f"{n}=={v}" for n, v in sorted(d["packages"].items()))
+        head = (f"Python {d['python']} standard library" if d["stdlib"] else "no standard library") + (f" + {pk}" if pk else "")
+        notes = [f"missing: {', '.join(d['missing'])}"] if d["missing"] else []
+        notes += [f"version differs from the pin: {', '.join(d['version_mismatch'])}"] if d["version_mismatch"] else []
+        return head + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _keep_relpath(rel: str, skip_tests: bool) -> bool:
+    """Whether a distribution file (POSIX path relative to its install root) is a source file to scan,
+    by the same rules as :func:`list_source_files`."""
+    parts = rel.split("/")
+    if not rel.endswith(".py") or parts[0] == ".." or any(p.startswith(".") for p in parts):
+        return False
+    for d in parts[:-1]:
+        if d == "__pycache__" or d.endswith(_SKIP_DIR_SUFFIXES) or (skip_tests and _is_test_dir(d)):
+            return False
+    return not (skip_tests and _is_test_file(parts[-1]))
+
+
+def resolve_source_set(packages: dict[str, str] | None = None, stdlib: bool = True,
+                       search_path: Sequence[str] | None = None, skip_tests: bool = True) -> SourceSet:
+    """The files of the standard library (if ``stdlib``) and of the named distributions.
+
+    A distribution contributes exactly the ``*.py`` files listed in its installed ``RECORD``
+    (:func:`importlib.metadata.distribution` files), test files and directories left out with
+    ``skip_tests``; nothing else under ``site-packages`` is read. A missing distribution, or one whose
+    installed version differs from its pin, is logged as a warning and listed in the description.
+
+    Args:
+        packages: distribution name -> pinned version; default :data:`DEFAULT_PACKAGES`.
+        stdlib: include the standard library (``sysconfig`` ``stdlib``, without ``site-packages``).
+        search_path: where to look for distributions (default ``sys.path``).
+        skip_tests: leave out test directories and files.
+    """
+    import platform
+    from importlib import metadata
+
+    packages = dict(DEFAULT_PACKAGES if packages is None else packages)
     roots: list[str] = []
-    for key in ("stdlib", "purelib"):
-        p = paths.get(key)
-        if p and os.path.isdir(p) and os.path.realpath(p) not in [os.path.realpath(r) for r in roots]:
-            roots.append(p)
-    return roots
+    files: list[tuple[int, str, str]] = []
+    if stdlib:
+        std = sysconfig.get_paths()["stdlib"]
+        roots.append(std)
+        files += list_source_files([std], skip_tests)
+    installed: dict[str, str] = {}
+    missing: list[str] = []
+    mismatch: list[str] = []
+    for name in sorted(packages):
+        where = {"path": list(search_path)} if search_path is not None else {}
+        dists = list(metadata.distributions(name=name, **where))
+        if not dists:
+            missing.append(name)
+            continue
+        dist = dists[0]
+        installed[name] = dist.version
+        if packages[name] and dist.version != packages[name]:
+            mismatch.append(f"{name} {dist.version} (pinned {packages[name]})")
+        base = os.path.normpath(str(dist.locate_file("")))
+        if base not in roots:
+            roots.append(base)
+        ri = roots.index(base)
+        files += [(ri, base, str(f).replace(os.sep, "/")) for f in (dist.files or [])
+                  if _keep_relpath(str(f).replace(os.sep, "/"), skip_tests)]
+    if missing:
+        log.warning("codesearch: pinned distribution(s) not installed, left out of the corpus: %s", ", ".join(missing))
+    if mismatch:
+        log.warning("codesearch: installed version differs from the pin (the corpus differs from the "
+                    "reference one): %s", "; ".join(mismatch))
+    files = sorted(set(files), key=lambda t: (t[0], t[2]))
+    description = {"python": platform.python_version(), "stdlib": stdlib, "packages": installed,
+                   "pinned": packages, "missing": missing, "version_mismatch": mismatch}
+    return SourceSet(files, description)
 
 
 _SKIP_DIR_SUFFIXES = (".dist-info", ".egg-info", ".data")
@@ -546,6 +640,16 @@ def _fingerprint(kind: str, settings: dict[str, Any], files: Iterable[str]) -> s
     return h.hexdigest()
 
 
+def content_fingerprint(records: Iterable[CodePair]) -> str:
+    """sha1 of the records' ids, splits, duplicate groups, sources, names, queries and code: the same
+    corpus gives the same value on any machine (no absolute paths or file times enter it)."""
+    h = hashlib.sha1()
+    for r in records:
+        fields = (r.id, r.split, r.dup_group, r.source, r.func_name, r.group, r.query, r.document)
+        h.update("\x1f".join(f"{len(str(x))}:{x}" for x in fields).encode("utf-8", "surrogatepass") + b"\x1e")
+    return h.hexdigest()
+
+
 def cached_build(kind: str, fingerprint: str, cache_dir: str | os.PathLike | None, use_cache: bool,
                  build: Callable[[], CodeSearchCorpus]) -> CodeSearchCorpus:
     """Load ``<cache>/<kind>-<fingerprint[:20]>.jsonl.gz`` if present and valid, else ``build()`` and save."""
@@ -592,12 +696,15 @@ def build_local_corpus(roots: str | Sequence[str] | None = None, cache_dir: str 
                        min_code_lines: int = 3, skip_tests: bool = True,
                        max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
                        max_group_pairs: int | None = DEFAULT_MAX_GROUP_PAIRS, split_method: str = "auto",
-                       workers: int | None = None, use_cache: bool = True) -> CodeSearchCorpus:
+                       workers: int | None = None, use_cache: bool = True,
+                       packages: dict[str, str] | None = None, stdlib: bool = True,
+                       search_path: Sequence[str] | None = None) -> CodeSearchCorpus:
     """Build (or load from cache) the corpus of Python functions with docstrings under ``roots``.
 
     Args:
-        roots: directories (or single ``.py`` files) to scan; default :func:`default_roots`
-            (stdlib + site-packages). Split groups are the first path component under each root.
+        roots: directories (or single ``.py`` files) to scan; default (``None``) the fixed source set of
+            :func:`resolve_source_set`: the standard library plus the pinned ``packages``. Split groups are
+            the first path component under each root (the top-level package or module).
         cache_dir: see :func:`default_cache_dir`.
         max_files: scan at most this many files, the ones with the smallest sha1 of their relative path
             (deterministic, spread over all packages); ``None`` = all.
@@ -610,36 +717,52 @@ def build_local_corpus(roots: str | Sequence[str] | None = None, cache_dir: str 
         split_method: ``"auto"`` | ``"hash"`` | ``"balanced"`` (see :func:`assign_splits`).
         workers: extraction processes (default ``min(4, cpu_count)``; small inputs run in-process).
         use_cache: read/write the on-disk cache.
+        packages / stdlib / search_path: the default source set (used when ``roots`` is ``None``; see
+            :func:`resolve_source_set`); ``packages`` defaults to :data:`DEFAULT_PACKAGES`.
+
+    The corpus ``meta`` holds ``source_set`` (the default set's description, or the given roots) and
+    ``content_fingerprint`` (sha1 of the records, independent of paths and file times: equal on two
+    machines exactly when the corpora are equal).
 
     Raises:
         FileNotFoundError: a root does not exist. CorpusError: no Python file, no pair, or an empty split.
     """
+    source_set: SourceSet | None = None
     if roots is None:
-        roots = default_roots()
-    elif isinstance(roots, (str, os.PathLike)):
-        roots = [os.fspath(roots)]
-    roots = [os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots]
-    if not roots:
-        raise CorpusError("codesearch: no source roots given")
-    for r in roots:
-        if not os.path.exists(r):
-            raise FileNotFoundError(f"codesearch source root {r!r} does not exist")
+        source_set = resolve_source_set(packages, stdlib, search_path, skip_tests)
+        roots = sorted({root for _, root, _ in source_set.files})
+    else:
+        if isinstance(roots, (str, os.PathLike)):
+            roots = [os.fspath(roots)]
+        roots = [os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots]
+        if not roots:
+            raise CorpusError("codesearch: no source roots given")
+        for r in roots:
+            if not os.path.exists(r):
+                raise FileNotFoundError(f"codesearch source root {r!r} does not exist")
     if max_files is not None and max_files < 1 or max_pairs is not None and max_pairs < 1:
         raise CorpusError(f"max_files and max_pairs must be >= 1 or None; got {max_files}, {max_pairs}")
     check_fractions(split_fractions)
     if split_method not in SPLIT_METHODS:
         raise CorpusError(f"split_method must be one of {SPLIT_METHODS}; got {split_method!r}")
     t0 = time.perf_counter()
-    all_files = list_source_files(roots, skip_tests)
-    counts = Counter(ri for ri, _, _ in all_files)
-    for ri, r in enumerate(roots):
-        if not counts[ri]:
-            log.warning("codesearch: source root %s contains no .py file", r)
-    if not all_files:
-        raise CorpusError(f"no Python (.py) files found under the source root(s) {roots}")
+    if source_set is not None:
+        all_files = source_set.files
+        if not all_files:
+            raise CorpusError(f"no Python (.py) file in the source set {source_set.summary()}")
+        source_desc: Any = source_set.description
+    else:
+        all_files = list_source_files(roots, skip_tests)
+        counts = Counter(ri for ri, _, _ in all_files)
+        for ri, r in enumerate(roots):
+            if not counts[ri]:
+                log.warning("codesearch: source root %s contains no .py file", r)
+        if not all_files:
+            raise CorpusError(f"no Python (.py) files found under the source root(s) {roots}")
+        source_desc = {"roots": roots}
     files = _select_files(all_files, max_files)
     abspaths = [os.path.join(root, rel) for _, root, rel in files]
-    settings = {"roots": roots, "max_files": max_files, "max_pairs": max_pairs,
+    settings = {"roots": roots if source_set is None else None, "source_set": source_desc, "max_files": max_files, "max_pairs": max_pairs,
                 "split_fractions": list(map(float, split_fractions)), "min_query_words": min_query_words,
                 "min_code_lines": min_code_lines, "skip_tests": skip_tests, "max_file_bytes": max_file_bytes,
                 "max_group_pairs": max_group_pairs, "split_method": split_method}
@@ -667,9 +790,11 @@ def build_local_corpus(roots: str | Sequence[str] | None = None, cache_dir: str 
             log.warning("codesearch: %s", report.summary())
         stats: dict[str, Any] = {"files_found": len(all_files), "files_scanned": len(files),
                                  "skipped": dict(sorted(skipped.items()))}
+        where = f"source set {source_set.summary()}" if source_set is not None else f"source roots {roots}"
         corpus = finalize(items, split_fractions, max_pairs, report, stats,
-                          {"kind": "local", "settings": settings}, where=f"source roots {roots}",
+                          {"kind": "local", "settings": settings, "source_set": source_desc}, where=where,
                           max_group_pairs=max_group_pairs, split_method=split_method)
+        corpus.meta["content_fingerprint"] = content_fingerprint(corpus.records())
         corpus.stats["build_seconds"] = round(time.perf_counter() - t0, 2)
         return corpus
 

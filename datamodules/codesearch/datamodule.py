@@ -130,7 +130,11 @@ class CodeSearchDataModule(L.LightningDataModule):
     Args:
         source: ``"local"`` (Python source on this machine) or ``"jsonl"`` (CodeSearchNet files).
         path: for ``"jsonl"`` the ``.jsonl(.gz)`` file or directory (required); for ``"local"`` optional
-            source root(s) replacing the default (stdlib + site-packages).
+            source root(s) (any directories of Python sources) replacing the default fixed source set: the
+            standard library plus the pinned ``packages``
+            (:func:`datamodules.codesearch.corpus.resolve_source_set`).
+        packages: local default source set: distribution name -> pinned version; ``None`` =
+            :data:`datamodules.codesearch.corpus.DEFAULT_PACKAGES` (the project's runtime dependencies).
         cache_dir: corpus/tokenizer cache; default ``$CONTRASTIVE_CACHE/codesearch`` or
             ``~/.cache/contrastive/codesearch``.
         max_files: local source: scan at most this many files (deterministic by path hash); None = all.
@@ -145,6 +149,8 @@ class CodeSearchDataModule(L.LightningDataModule):
         skip_tests: local source: leave out test directories/files.
         vocab_size: BPE vocabulary size (trained on the train split only).
         min_frequency: BPE minimum pair frequency.
+        code_aware: split identifiers (camelCase, ``_``, ``.``) and lower-case before the BPE, one vocabulary
+            for queries and code (see :mod:`contrastive.encoders.tokenizer`).
         max_query_length / max_doc_length: token limits including ``[CLS]``.
         batch_size: training batch size (``drop_last=True``, seeded shuffle).
         eval_batch_size: batch size of valid/test loaders and of :meth:`text_loader`.
@@ -183,6 +189,8 @@ class CodeSearchDataModule(L.LightningDataModule):
         tokenizer_dir: str | None = None,
         build_workers: int | None = None,
         sampler: Any = None,
+        packages: dict[str, str] | None = None,
+        code_aware: bool = False,
     ) -> None:
         super().__init__()
         if source not in ("local", "jsonl"):
@@ -207,9 +215,11 @@ class CodeSearchDataModule(L.LightningDataModule):
         self.split_fractions, self.split_method = tuple(float(x) for x in split_fractions), split_method
         self.min_query_words, self.min_code_lines, self.skip_tests = min_query_words, min_code_lines, skip_tests
         self.vocab_size_requested, self.min_frequency = vocab_size, min_frequency
+        self.code_aware = bool(code_aware)
         self.max_query_length, self.max_doc_length = max_query_length, max_doc_length
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.seed, self.tokenizer_dir, self.build_workers = seed, tokenizer_dir, build_workers
+        self.packages = None if packages is None else {str(k): str(v) for k, v in dict(packages).items()}
         self.sampler = sampler  # a contrastive.samplers NegativeSampler, set up on the train split in setup()
         self._sampler_corpus: str | None = None
         self.corpus: CodeSearchCorpus | None = None
@@ -225,7 +235,8 @@ class CodeSearchDataModule(L.LightningDataModule):
                           max_group_pairs=self.max_group_pairs, split_method=self.split_method,
                           workers=self.build_workers)
             if self.source == "local":
-                self.corpus = build_local_corpus(self.path, max_files=self.max_files, skip_tests=self.skip_tests, **common)
+                self.corpus = build_local_corpus(self.path, max_files=self.max_files, skip_tests=self.skip_tests,
+                                                 packages=self.packages, **common)
             else:
                 self.corpus = build_jsonl_corpus(self.path, **common)  # type: ignore[arg-type]
             if self.corpus.report.total:
@@ -237,13 +248,17 @@ class CodeSearchDataModule(L.LightningDataModule):
         if self.tokenizer_dir is not None:
             return Path(self.tokenizer_dir).expanduser()
         corpus = self._ensure_corpus()
-        return self.cache_dir / "tokenizers" / f"{corpus.fingerprint[:16]}-v{self.vocab_size_requested}-f{self.min_frequency}"
+        mode = "-code" if self.code_aware else ""
+        return self.cache_dir / "tokenizers" / f"{corpus.fingerprint[:16]}-v{self.vocab_size_requested}-f{self.min_frequency}{mode}"
 
     def _ensure_tokenizer(self) -> BPETokenizer:
         if self.tokenizer is None:
             d = self._resolved_tokenizer_dir()
             if BPETokenizer.exists(d):
                 self.tokenizer = BPETokenizer.load(d)
+                if self.tokenizer.code_aware != self.code_aware:
+                    raise ValueError(f"codesearch: the tokenizer in {d} has code_aware={self.tokenizer.code_aware} "
+                                     f"but data.code_aware={self.code_aware}; remove it or change the setting")
                 if self.tokenizer.vocab_size > self.vocab_size_requested:
                     log.warning("codesearch: tokenizer loaded from %s has %d ids, more than vocab_size=%d",
                                 d, self.tokenizer.vocab_size, self.vocab_size_requested)
@@ -251,7 +266,8 @@ class CodeSearchDataModule(L.LightningDataModule):
                 train = self._ensure_corpus().records("train")
                 texts = [r.query for r in train] + [r.document for r in train]
                 log.info("codesearch: training a %d-id BPE tokenizer on %d train texts", self.vocab_size_requested, len(texts))
-                self.tokenizer = BPETokenizer.train(texts, self.vocab_size_requested, self.min_frequency)
+                self.tokenizer = BPETokenizer.train(texts, self.vocab_size_requested, self.min_frequency,
+                                                    code_aware=self.code_aware)
                 self.tokenizer.save(d)
             self.tokenizer_dir_used = str(d)
         return self.tokenizer
@@ -381,6 +397,33 @@ class CodeSearchDataModule(L.LightningDataModule):
     @property
     def pad_id(self) -> int:
         return 0
+
+    def provenance(self) -> dict[str, Any]:
+        """What the corpus was built from and its fingerprints (printed and saved with every run):
+        ``source`` (the source set's description, the roots, or the jsonl path), ``content_fingerprint``
+        (sha1 of the records: equal corpora give equal values on any machine), ``cache_fingerprint``
+        (settings + input files' paths, sizes and times) and the split sizes."""
+        corpus = self._ensure_corpus()
+        meta = corpus.meta
+        content = meta.get("content_fingerprint")
+        if not content:  # jsonl corpora and caches written before content fingerprints
+            from datamodules.codesearch.corpus import content_fingerprint
+
+            content = content_fingerprint(corpus.records())
+        source = meta.get("source_set") or (meta.get("settings") or {}).get("roots") or self.path
+        return {"kind": meta.get("kind"), "source": source, "content_fingerprint": content,
+                "cache_fingerprint": corpus.fingerprint, "splits": corpus.split_sizes(), "records": len(corpus)}
+
+    def provenance_summary(self) -> str:
+        """One line: the source set and the content fingerprint."""
+        p = self.provenance()
+        src = p["source"]
+        if isinstance(src, dict) and "packages" in src:
+            from datamodules.codesearch.corpus import SourceSet
+
+            src = SourceSet([], src).summary()
+        return (f"codesearch corpus: {p['records']} pairs {p['splits']} from {src}; "
+                f"fingerprint {p['content_fingerprint'][:16]}")
 
     def describe(self) -> dict[str, Any]:
         """Corpus sizes per split, duplicate groups (>1 member), bad-input counts, filters, vocabulary."""
