@@ -59,7 +59,8 @@ def tiny_codesearch(cache, out, epochs: int = 2, checkpoint_every: int = 3) -> l
     return [f"data.path=[{roots}]", f"data.cache_dir={cache}", "data.max_pairs=600", "data.vocab_size=600",
             "data.batch_size=16", "data.max_doc_length=48", "data.split_method=balanced", "data.eval_batch_size=64",
             "model=tiny_transformer", "model.encoder.dim=16", "model.encoder.ff_dim=32", "model.encoder.num_layers=1", "model.projection_dim=16",
-            f"trainer.max_epochs={epochs}", "trainer.limit_train_batches=4", "trainer.log_every_n_steps=1",
+            f"trainer.max_epochs={epochs}", "trainer.limit_train_batches=4",
+            "trainer.log_every_n_steps=1",
             "trainer.enable_progress_bar=false", "optim.warmup_steps=2", f"run.output_dir={out}",
             f"run.checkpoint_every_n_steps={checkpoint_every}", "run.test_after_fit=false", "run.num_threads=1",
             "eval.bm25_baseline=false"]

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from contrastive.callbacks import NegativeRefreshCallback, NegativeReportCallback, build_callbacks
+from contrastive.callbacks.learning_curve import LearningCurveCallback
 from contrastive.samplers import (
     BM25NegativeSampler,
     FaissHardNegativeSampler,
@@ -221,24 +222,32 @@ def test_ngame_refresh_follows_curriculum_and_batches_are_clusters(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- builders
+def negative_callbacks(cfg: dict, job) -> list:
+    """The sampler-driven callbacks of :func:`build_callbacks` (without the learning curve)."""
+    return [c for c in build_callbacks(cfg, job) if not isinstance(c, LearningCurveCallback)]
+
+
 def test_build_callbacks_per_sampler(tmp_path):
     job = SimpleNamespace(sampler=FaissHardNegativeSampler(num_negatives=1, refresh_every_n_epochs=2,
                                                            refresh_start_epoch=0), run_dir=tmp_path)
-    (cb,) = build_callbacks({"data": {"name": "x"}, "model": {"name": "dual_encoder"}}, job)
+    (cb,) = negative_callbacks({"data": {"name": "x"}, "model": {"name": "dual_encoder"}}, job)
     assert isinstance(cb, NegativeRefreshCallback)
     assert (cb.every_n_epochs, cb.start_epoch, cb.cache_dir) == (2, 0, tmp_path / "negatives")
-    assert isinstance(build_callbacks({}, SimpleNamespace(sampler=NGAMESampler(), run_dir=tmp_path))[0],
+    assert isinstance(negative_callbacks({}, SimpleNamespace(sampler=NGAMESampler(), run_dir=tmp_path))[0],
                       NegativeRefreshCallback)
     dm = TinyDataModule()
     bm = BM25NegativeSampler(num_negatives=1)
     bm.setup(dm.pair_ids, dm.groups, texts={"anchor": dm.queries, "candidate": dm.docs})
-    (rep,) = build_callbacks({}, SimpleNamespace(sampler=bm, run_dir=tmp_path))
+    (rep,) = negative_callbacks({}, SimpleNamespace(sampler=bm, run_dir=tmp_path))
     assert isinstance(rep, NegativeReportCallback)
-    assert build_callbacks({}, SimpleNamespace(sampler=InBatchSampler(), run_dir=tmp_path)) == []
-    assert build_callbacks({}, SimpleNamespace(sampler=QueueSampler(8), run_dir=tmp_path)) == []
-    assert build_callbacks({"callbacks": {"negative_report": False}}, SimpleNamespace(sampler=bm, run_dir=tmp_path)) == []
+    assert negative_callbacks({}, SimpleNamespace(sampler=InBatchSampler(), run_dir=tmp_path)) == []
+    assert negative_callbacks({}, SimpleNamespace(sampler=QueueSampler(8), run_dir=tmp_path)) == []
+    assert negative_callbacks({"callbacks": {"negative_report": False}}, SimpleNamespace(sampler=bm, run_dir=tmp_path)) == []
     with pytest.raises(ValueError, match="callbacks.refresh.cache_dri"):
-        build_callbacks({"callbacks": {"refresh": {"cache_dri": "x"}}}, job)
+        negative_callbacks({"callbacks": {"refresh": {"cache_dri": "x"}}}, job)
+    curve = build_callbacks({}, SimpleNamespace(sampler=InBatchSampler(), run_dir=tmp_path))
+    assert [type(c) for c in curve] == [LearningCurveCallback]
+    assert build_callbacks({"callbacks": {"learning_curve": False}}, SimpleNamespace(sampler=None, run_dir=tmp_path)) == []
     with pytest.raises(ValueError, match="every_n_epochs"):
         NegativeRefreshCallback(FaissHardNegativeSampler(), every_n_epochs=0)
 
