@@ -97,7 +97,7 @@ class Job:
             self.sampler = build.build_sampler(cfg.get("sampler"))
         with building("data"):
             self.datamodule = build.build_datamodule(cfg["data"], run_dir=run_dir, seed=int(cfg.get("seed", 0)),
-                                                     sampler=self.sampler)
+                                                     sampler=self.sampler, model_spec=cfg.get("model"))
             self.datamodule.prepare_data()
             self.datamodule.setup("fit")
         with building("loss"):
@@ -218,8 +218,12 @@ def evaluate(job: Job, trainer: Any, ckpt: Optional[str]) -> dict[str, Any]:
             rows["bm25"] = bm
             results["bm25"] = bm
     if trainer.is_global_zero:
-        print(f"\nTest retrieval on {int(model_m.get('corpus_size', 0))} documents ({job.cfg['experiment']}):")
-        print(format_table(rows, REPORT_KEYS))
+        if "corpus_size" in model_m:
+            print(f"\nTest retrieval on {int(model_m['corpus_size'])} documents ({job.cfg['experiment']}):")
+            print(format_table(rows, REPORT_KEYS))
+        else:  # another setting's metrics (e.g. clip: i2t/t2i R@k, zero-shot, compositional accuracy)
+            print(f"\nTest results ({job.cfg['experiment']}):")
+            print(format_table(rows, list(model_m)))
         save_results(job.run_dir, results)
     return results
 
