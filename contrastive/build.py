@@ -59,7 +59,11 @@ def build_loss(spec: dict | str) -> nn.Module:
 
 
 def build_sampler(spec: dict | str | None) -> Any:
-    """The sampler of ``spec`` (default ``in_batch``); its ``filters`` may be filter specs."""
+    """The sampler of ``spec`` (default ``in_batch``); its ``filters`` may be filter specs. Settings'
+    samplers (``datamodules``) are registered first."""
+    import importlib
+
+    importlib.import_module("datamodules")
     name, kwargs = _kwargs(spec or "in_batch")
     if kwargs.get("filters"):
         kwargs["filters"] = [build_component(FILTERS, f) if _is_spec(f) else f for f in kwargs["filters"]]

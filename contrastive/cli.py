@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -61,6 +62,7 @@ def load_config(path: Path, overrides: Sequence[str]) -> dict:
     from contrastive.config.loader import compose
     from contrastive.config.validate import validate
 
+    importlib.import_module("datamodules")  # settings register their samplers (e.g. clip's generated negatives)
     cfg, prov = compose(path, list(overrides))
     return validate(cfg, prov)
 

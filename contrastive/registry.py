@@ -121,8 +121,7 @@ class Registry(Generic[T]):
 
 
 LOSSES: Registry = Registry("loss", "contrastive.losses.base:ContrastiveLoss", ("contrastive.losses",))
-SAMPLERS: Registry = Registry("sampler", "contrastive.samplers.base:NegativeSampler",
-                              ("contrastive.samplers", "datamodules"))
+SAMPLERS: Registry = Registry("sampler", "contrastive.samplers.base:NegativeSampler", ("contrastive.samplers",))
 FILTERS: Registry = Registry("filter", "contrastive.filters.base:NegativeFilter", ("contrastive.filters",))
 ENCODERS: Registry = Registry("encoder", "torch.nn:Module", ("contrastive.encoders",))
 DATAMODULES: Registry = Registry("datamodule", "lightning.pytorch:LightningDataModule", ("datamodules",))
