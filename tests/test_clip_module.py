@@ -10,7 +10,7 @@ from contrastive.models import ContrastiveBatch, ContrastiveModule
 from contrastive.models.evaluation import EvalOutputs
 from datamodules.clip.datamodule import ClipDataModule
 from datamodules.clip.model import ClipEvaluator, ClipModule, clip_batch
-from datamodules.clip.samplers import SceneImageSampler
+from datamodules.clip.samplers import ConcretenessCaptionSampler, SceneImageSampler
 from datamodules.codesearch.model import DualEncoderModule
 
 SCENES = {"n_train": 24, "n_valid": 6, "n_test": 6, "n_zeroshot": 5}
@@ -89,3 +89,21 @@ def test_clip_evaluator_keys_and_a_hand_computed_case():
     out = EvalOutputs.collect(cap_bad, torch.arange(3), labels_c, labels_c, img, torch.arange(2), torch.arange(2),
                               torch.arange(2))
     assert abs(ClipEvaluator()(out, "val")["t2i/R@1"] - 2 / 3) < 1e-6
+
+
+def test_negative_captions_carry_their_difficulty_and_need_image_anchors(tmp_path):
+    import pytest
+
+    dm = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path), batch_size=8, anchors="images",
+                        sampler=ConcretenessCaptionSampler())
+    dm.setup("fit")
+    batch = clip_batch(next(iter(dm.train_dataloader())))
+    neg = batch.negatives
+    assert neg is not None and set(neg.inputs) == {"ids", "mask"} and 0 < len(neg) <= 8
+    assert neg.difficulty is not None and torch.isfinite(neg.difficulty).all()
+    assert ((neg.owner >= 0) & (neg.owner < batch.num_anchors)).all()
+    wrong = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path), batch_size=8, anchors="captions",
+                           sampler=ConcretenessCaptionSampler())
+    wrong.setup("fit")
+    with pytest.raises(ValueError, match="anchors: images"):
+        next(iter(wrong.train_dataloader()))
