@@ -107,3 +107,14 @@ def test_negative_captions_carry_their_difficulty_and_need_image_anchors(tmp_pat
     wrong.setup("fit")
     with pytest.raises(ValueError, match="anchors: images"):
         next(iter(wrong.train_dataloader()))
+
+
+def test_random_word_sampler_is_a_different_control(tmp_path):
+    from datamodules.clip.samplers import RandomWordCaptionSampler
+
+    negs = []
+    for sampler in (ConcretenessCaptionSampler(), RandomWordCaptionSampler()):
+        dm = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path), batch_size=8, anchors="images", sampler=sampler)
+        dm.setup("fit")
+        negs.append(next(iter(dm.train_dataloader()))["neg_ids"])
+    assert negs[0].shape != negs[1].shape or not torch.equal(negs[0], negs[1])
