@@ -31,9 +31,13 @@ def build_component(registry: Registry, spec: dict | str, **filled: Any) -> Any:
     return registry.build(name, **kwargs)
 
 
-def build_datamodule(spec: dict, run_dir: Optional[Path] = None, seed: int = 0, sampler: Any = None) -> L.LightningDataModule:
-    """The datamodule; its tokenizer is saved in (and reloaded from) ``run_dir/tokenizer``."""
+def build_datamodule(spec: dict, run_dir: Optional[Path] = None, seed: int = 0, sampler: Any = None,
+                     model_spec: Optional[dict] = None) -> L.LightningDataModule:
+    """The datamodule; its tokenizer is saved in (and reloaded from) ``run_dir/tokenizer``; a datamodule
+    that takes the model's ``architecture`` (its tokenizer and image size) gets it from ``model_spec``."""
     filled: dict[str, Any] = {"seed": seed}
+    if isinstance(model_spec, dict) and model_spec.get("architecture") is not None:
+        filled["architecture"] = model_spec["architecture"]
     if run_dir is not None:
         filled["tokenizer_dir"] = str(run_dir / "tokenizer")
     if sampler is not None:
@@ -55,7 +59,11 @@ def build_loss(spec: dict | str) -> nn.Module:
 
 
 def build_sampler(spec: dict | str | None) -> Any:
-    """The sampler of ``spec`` (default ``in_batch``); its ``filters`` may be filter specs."""
+    """The sampler of ``spec`` (default ``in_batch``); its ``filters`` may be filter specs. Settings'
+    samplers (``datamodules``) are registered first."""
+    import importlib
+
+    importlib.import_module("datamodules")
     name, kwargs = _kwargs(spec or "in_batch")
     if kwargs.get("filters"):
         kwargs["filters"] = [build_component(FILTERS, f) if _is_spec(f) else f for f in kwargs["filters"]]
@@ -78,9 +86,11 @@ def build_model(cfg: dict, vocab_size: Optional[int], loss: nn.Module, **objects
     """The LightningModule of ``cfg['model']`` wired with its encoders, ``loss`` and the optimiser/eval
     settings; ``objects`` (sampler, filters, transforms) are passed when the module accepts them."""
     name, kwargs = _kwargs(cfg["model"])
-    enc = build_encoder(kwargs.pop("encoder"), vocab_size)
-    doc_spec = kwargs.pop("doc_encoder", None)
-    doc = build_encoder(doc_spec, vocab_size) if doc_spec else None
+    encoders: dict[str, Any] = {}
+    if "encoder" in kwargs:  # settings whose towers are built from an ``encoder`` spec (code search)
+        encoders["query_encoder"] = build_encoder(kwargs.pop("encoder"), vocab_size)
+        doc_spec = kwargs.pop("doc_encoder", None)
+        encoders["doc_encoder"] = build_encoder(doc_spec, vocab_size) if doc_spec else None
     est_spec = kwargs.pop("similarity_estimator", None)
     if est_spec:
         kwargs["similarity_estimator"] = build_component(ESTIMATORS, est_spec)
@@ -95,7 +105,7 @@ def build_model(cfg: dict, vocab_size: Optional[int], loss: nn.Module, **objects
     for k, v in filled.items():
         if v is not None and k in params and k not in kwargs:
             kwargs[k] = v
-    return MODELS.build(name, query_encoder=enc, doc_encoder=doc, loss=loss, **kwargs)
+    return MODELS.build(name, loss=loss, **encoders, **kwargs)
 
 
 def trainer_kwargs(cfg: dict) -> dict[str, Any]:

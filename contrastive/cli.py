@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -61,6 +62,7 @@ def load_config(path: Path, overrides: Sequence[str]) -> dict:
     from contrastive.config.loader import compose
     from contrastive.config.validate import validate
 
+    importlib.import_module("datamodules")  # settings register their samplers (e.g. clip's generated negatives)
     cfg, prov = compose(path, list(overrides))
     return validate(cfg, prov)
 
@@ -97,7 +99,7 @@ class Job:
             self.sampler = build.build_sampler(cfg.get("sampler"))
         with building("data"):
             self.datamodule = build.build_datamodule(cfg["data"], run_dir=run_dir, seed=int(cfg.get("seed", 0)),
-                                                     sampler=self.sampler)
+                                                     sampler=self.sampler, model_spec=cfg.get("model"))
             self.datamodule.prepare_data()
             self.datamodule.setup("fit")
         with building("loss"):
@@ -229,8 +231,12 @@ def evaluate(job: Job, trainer: Any, ckpt: Optional[str]) -> dict[str, Any]:
             rows["bm25"] = bm
             results["bm25"] = bm
     if trainer.is_global_zero:
-        print(f"\nTest retrieval on {int(model_m.get('corpus_size', 0))} documents ({job.cfg['experiment']}):")
-        print(format_table(rows, REPORT_KEYS))
+        if "corpus_size" in model_m:
+            print(f"\nTest retrieval on {int(model_m['corpus_size'])} documents ({job.cfg['experiment']}):")
+            print(format_table(rows, REPORT_KEYS))
+        else:  # another setting's metrics (e.g. clip: i2t/t2i R@k, zero-shot, compositional accuracy)
+            print(f"\nTest results ({job.cfg['experiment']}):")
+            print(format_table(rows, list(model_m)))
         save_results(job.run_dir, results)
         save_test_ranks(job, job.run_dir)
     return results

@@ -41,8 +41,15 @@ def base_run(tmp_path_factory):
     return tmp, tmp / "runs" / "codesearch_infonce" / "version_0"
 
 
+def clip_overrides(tmp: Path) -> list[str]:
+    """The clip setting at smoke scale: a few dozen generated scenes, two batches."""
+    return [f"data.cache_dir={tmp / 'cache'}", "data.scenes.n_train=48", "data.scenes.n_valid=12",
+            "data.scenes.n_test=12", "data.scenes.n_zeroshot=10", "data.batch_size=16", "optim.warmup_steps=2",
+            "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", f"run.output_dir={tmp / 'runs'}"]
+
+
 def _fit(exp: Path, tmp: Path, extra: list[str]) -> dict:
-    overrides = tiny_overrides(tmp) + FAST + extra
+    overrides = (clip_overrides(tmp) if exp.parent.name == "clip" else tiny_overrides(tmp)) + FAST + extra
     assert main(["fit", str(exp), *overrides]) == 0
     runs = sorted((tmp / "runs").glob("*/version_*"), key=lambda p: p.stat().st_mtime)
     res = json.loads((runs[-1] / "results.json").read_text())
@@ -56,6 +63,8 @@ def test_every_experiment_config_trains_and_tests(exp, base_run, tmp_path):
     extra: list[str] = []
     if exp.stem == "soft_infonce_frozen":
         extra = [f"model.similarity_estimator.run_dir={base}", f"data.tokenizer_dir={base / 'tokenizer'}"]
+    if exp.parent.name == "clip" and exp.stem == "mined_filtered":
+        extra = ["trainer.max_epochs=2"]  # mined from the second epoch on
     if exp.stem == "gradcache":
         extra = ["data.batch_size=32", "model.cache_chunk_size=8"]
     _fit(exp, tmp_path, extra)

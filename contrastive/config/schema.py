@@ -96,5 +96,5 @@ BUILD_FILLED: dict[str, tuple[str, ...]] = {
     "model": ("query_encoder", "doc_encoder", "loss", "lr", "weight_decay", "warmup_steps", "scheduler",
               "eval_chunk_size", "csn_distractors", "sampler", "feature_transform", "filters"),
     "encoder": ("vocab_size",),
-    "datamodule": ("sampler",),
+    "datamodule": ("sampler", "architecture"),
 }

@@ -7,3 +7,6 @@ Modules: :mod:`.grammar` (caption grammar), :mod:`.scenes` (scene generation, re
 :mod:`.loaders` (manifest, COCO, WebDataset), :mod:`.evaluation` (retrieval, zero-shot, compositional
 accuracy, SugarCrepe reader).
 """
+from datamodules.clip import samplers  # noqa: F401,E402  (registers the generated-negative samplers)
+from datamodules.clip.datamodule import ClipDataModule  # noqa: F401,E402  (registers "clip")
+from datamodules.clip.model import ClipModule  # noqa: F401,E402  (registers the "clip" model)

@@ -1,0 +1,68 @@
+"""Generated hard negatives as samplers (one YAML line each): negative captions by concreteness-guided
+perturbation (``neg_captions_concreteness``) or by random-word swaps (``neg_captions_random``, the
+control), and negative images re-rendered with one attribute or relation changed (``neg_images``).
+
+The sampler draws nothing from the corpus; its :meth:`sample` returns generated negatives made by the
+datamodule's :class:`~datamodules.clip.datamodule.SceneNegativeSource` (bound with :meth:`bind`), one per
+anchor at most, each owned by its anchor and carrying its difficulty (the concreteness score of the
+changed words) for a Cement-style margin.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from contrastive.registry import SAMPLERS
+from contrastive.samplers.base import NegativeSampler, SampledNegatives
+from datamodules.clip.perturb import RandomWordPerturber
+
+
+class SceneNegativeSampler(NegativeSampler):
+    """Base of the generated-negative samplers: ``kind`` ``"captions"`` or ``"images"``."""
+
+    kind: str = "captions"
+
+    def __init__(self) -> None:
+        super().__init__(num_negatives=0)
+        self.source: Optional[Any] = None
+
+    def bind(self, source: Any) -> None:
+        """Receive the datamodule's negative source (``negatives(rows, kind, step)``)."""
+        self.source = source
+
+    def sample(self, rows: Tensor) -> SampledNegatives:
+        """``(B,)`` training rows → no corpus rows and up to ``B`` generated negatives."""
+        if self.source is None:
+            raise RuntimeError(f"{type(self).__name__}: no negative source bound (the clip datamodule binds it)")
+        rows = torch.as_tensor(rows).long().view(-1)
+        return SampledNegatives(rows=torch.full((rows.shape[0], 0), -1, dtype=torch.long),
+                                generated=self.source.negatives(rows, self.kind, self.epoch))
+
+
+@SAMPLERS.register("neg_captions_concreteness")
+class ConcretenessCaptionSampler(SceneNegativeSampler):
+    """A perturbed caption per image anchor (SugarCrepe categories), words picked by concreteness
+    (:class:`~datamodules.clip.perturb.CaptionPerturber`)."""
+
+    kind = "captions"
+
+
+@SAMPLERS.register("neg_captions_random")
+class RandomWordCaptionSampler(SceneNegativeSampler):
+    """The control: a caption with a random vocabulary word swapped in
+    (:class:`~datamodules.clip.perturb.RandomWordPerturber`)."""
+
+    kind = "captions"
+
+    def bind(self, source: Any) -> None:
+        source.generator.perturber = RandomWordPerturber()
+        super().bind(source)
+
+
+@SAMPLERS.register("neg_images")
+class SceneImageSampler(SceneNegativeSampler):
+    """A re-rendered scene per caption anchor with one colour, size, shape or relation changed."""
+
+    kind = "images"

@@ -1,0 +1,120 @@
+"""The clip setting on the shared core: one module class for code search and image–text, contract batches
+with several positives and generated negatives, and the evaluator's keys."""
+from __future__ import annotations
+
+import torch
+
+from contrastive.build import build_encoder
+from contrastive.losses import InfoNCELoss
+from contrastive.models import ContrastiveBatch, ContrastiveModule
+from contrastive.models.evaluation import EvalOutputs
+from datamodules.clip.datamodule import ClipDataModule
+from datamodules.clip.model import ClipEvaluator, ClipModule, clip_batch
+from datamodules.clip.samplers import ConcretenessCaptionSampler, SceneImageSampler
+from datamodules.codesearch.model import DualEncoderModule
+
+SCENES = {"n_train": 24, "n_valid": 6, "n_test": 6, "n_zeroshot": 5}
+
+
+def _train(module: ContrastiveModule, batches: list) -> list[float]:
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    losses = []
+    for b in batches:
+        loss, _ = module.contrastive_step(b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_code_search_and_image_text_train_through_the_same_module_class(tmp_path):
+    enc = build_encoder({"name": "transformer", "dim": 32, "num_layers": 1, "num_heads": 2, "ff_dim": 64,
+                         "max_length": 16}, vocab_size=50)
+    code = DualEncoderModule(enc, InfoNCELoss(temperature=0.1), projection_dim=16)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (8, 12), generator=g)
+    code_batch = {"query_ids": ids, "query_mask": torch.ones_like(ids, dtype=torch.bool), "doc_ids": ids.flip(1),
+                  "doc_mask": torch.ones_like(ids, dtype=torch.bool), "pair_id": torch.arange(8)}
+    dm = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path), batch_size=8)
+    dm.setup("fit")
+    clip = ClipModule(InfoNCELoss(temperature=0.07, learnable_temperature=True, min_temperature=0.01))
+    clip_batches = [b for _, b in zip(range(3), dm.train_dataloader())]
+    for module, batches in ((code, [code_batch] * 3), (clip, clip_batches)):
+        assert isinstance(module, ContrastiveModule)
+        assert type(module).training_step is ContrastiveModule.training_step  # no per-setting copy
+        before = [p.detach().clone() for p in module.parameters()]
+        losses = _train(module, batches)
+        assert all(torch.isfinite(torch.tensor(losses)))
+        assert any(not torch.equal(a, b.detach()) for a, b in zip(before, module.parameters()))
+
+
+def test_clip_batches_follow_the_contract_with_several_positives_and_generated_negatives(tmp_path):
+    dm = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path), batch_size=8, anchors="images")
+    dm.setup("fit")
+    batch = clip_batch(next(iter(dm.train_dataloader())))
+    assert isinstance(batch, ContrastiveBatch) and not batch.paired
+    assert set(batch.anchors) == {"pixels"} and set(batch.candidates) == {"ids", "mask"}
+    pos = batch.a_labels[:, None] == batch.c_labels[None, :]
+    assert (pos.sum(1) == 3).all()  # every image has its three captions as positives
+    assert torch.equal(batch.a_groups, batch.c_groups[::3])  # scene-graph groups on both sides
+
+    dm = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path), batch_size=8, sampler=SceneImageSampler())
+    dm.setup("fit")
+    raw = next(iter(dm.train_dataloader()))
+    batch = clip_batch(raw)
+    assert batch.has_negatives and set(batch.negatives.inputs) == {"pixels"}
+    k = len(batch.negatives)
+    assert 0 < k <= 8 and (batch.negatives.labels == -1).all()
+    owner = batch.negatives.owner
+    assert ((owner >= 0) & (owner < batch.num_anchors)).all()
+    # the owner anchor is a caption of the image the negative was re-rendered from (same scene, one edit)
+    assert not any(torch.equal(batch.negatives.inputs["pixels"][i], batch.candidates["pixels"][batch.a_labels[o] == batch.c_labels][0])
+                   for i, o in enumerate(owner.tolist()))
+
+
+def test_clip_evaluator_keys_and_a_hand_computed_case():
+    # 2 images, captions 0,1 of image 0 and caption 2 of image 1; embeddings make every caption rank its image first
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    cap = torch.tensor([[1.0, 0.1], [0.9, 0.0], [0.2, 1.0]])
+    labels_c = torch.tensor([0, 0, 1])
+    out = EvalOutputs.collect(cap, torch.arange(3), labels_c, labels_c, img, torch.arange(2), torch.arange(2),
+                              torch.arange(2))
+    m = ClipEvaluator(ks=(1, 5, 10))(out, "val")
+    for d in ("i2t", "t2i"):
+        assert {f"{d}/R@1", f"{d}/R@5", f"{d}/R@10", f"{d}/mrr"} <= set(m)
+    assert m["t2i/R@1"] == 1.0 and m["i2t/R@1"] == 1.0
+    assert m["num_images"] == 2 and m["num_captions"] == 3
+    cap_bad = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.2, 1.0]])  # caption 0 ranks image 1 first
+    out = EvalOutputs.collect(cap_bad, torch.arange(3), labels_c, labels_c, img, torch.arange(2), torch.arange(2),
+                              torch.arange(2))
+    assert abs(ClipEvaluator()(out, "val")["t2i/R@1"] - 2 / 3) < 1e-6
+
+
+def test_negative_captions_carry_their_difficulty_and_need_image_anchors(tmp_path):
+    import pytest
+
+    dm = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path), batch_size=8, anchors="images",
+                        sampler=ConcretenessCaptionSampler())
+    dm.setup("fit")
+    batch = clip_batch(next(iter(dm.train_dataloader())))
+    neg = batch.negatives
+    assert neg is not None and set(neg.inputs) == {"ids", "mask"} and 0 < len(neg) <= 8
+    assert neg.difficulty is not None and torch.isfinite(neg.difficulty).all()
+    assert ((neg.owner >= 0) & (neg.owner < batch.num_anchors)).all()
+    wrong = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path), batch_size=8, anchors="captions",
+                           sampler=ConcretenessCaptionSampler())
+    wrong.setup("fit")
+    with pytest.raises(ValueError, match="anchors: images"):
+        next(iter(wrong.train_dataloader()))
+
+
+def test_random_word_sampler_is_a_different_control(tmp_path):
+    from datamodules.clip.samplers import RandomWordCaptionSampler
+
+    negs = []
+    for sampler in (ConcretenessCaptionSampler(), RandomWordCaptionSampler()):
+        dm = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path), batch_size=8, anchors="images", sampler=sampler)
+        dm.setup("fit")
+        negs.append(next(iter(dm.train_dataloader()))["neg_ids"])
+    assert negs[0].shape != negs[1].shape or not torch.equal(negs[0], negs[1])
