@@ -188,12 +188,14 @@ class _OnStart:
 
 def save_provenance(job: Job, run_dir: Path) -> None:
     """Print the dataset's provenance line and save ``run_dir/corpus.json`` (datamodules with ``provenance()``)."""
+    from datamodules.codesearch import CodeSearchDataModule
+
     dm = job.datamodule
-    if not hasattr(dm, "provenance"):
+    if not isinstance(dm, CodeSearchDataModule):
         return
     from contrastive.io import atomic_write_text
 
-    print(dm.provenance_summary() if hasattr(dm, "provenance_summary") else json.dumps(dm.provenance()))
+    print(dm.provenance_summary())
     atomic_write_text(run_dir / "corpus.json", json.dumps(dm.provenance(), indent=2, sort_keys=True))
 
 
@@ -251,8 +253,10 @@ def save_test_ranks(job: Job, run_dir: Path) -> Optional[Path]:
     from contrastive.io import atomic_write_text
     from contrastive.metrics.retrieval import gold_ranks
 
+    from datamodules.codesearch import CodeSearchDataModule, DualEncoderModule
+
     model, dm = job.model, job.datamodule
-    if not (hasattr(model, "encode_queries") and hasattr(model, "encode_documents") and hasattr(dm, "test_dataloader")):
+    if not (isinstance(model, DualEncoderModule) and isinstance(dm, CodeSearchDataModule)):
         return None
     q, d, ids = [], [], []
     was_training = model.training
@@ -284,9 +288,12 @@ def device_info(trainer: Any) -> dict[str, Any]:
 
 
 def bm25_baseline_for(datamodule: Any) -> Optional[dict[str, float]]:
-    corpus = getattr(datamodule, "corpus", None)
-    if corpus is None or not hasattr(corpus, "records"):
+    """BM25 on the code-search test split (``None`` for other settings)."""
+    from datamodules.codesearch import CodeSearchDataModule
+
+    if not isinstance(datamodule, CodeSearchDataModule) or datamodule.corpus is None:
         return None
+    corpus = datamodule.corpus
     import torch
 
     from contrastive.baselines.bm25 import bm25_baseline
