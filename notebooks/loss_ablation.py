@@ -23,7 +23,7 @@
 #
 # `CONTRASTIVE_NOTEBOOK_SCALE=smoke` (used by `tests/test_notebooks.py`) runs on a few standard-library
 # packages for a few steps with 2 seeds; the default `full` runs on the default corpus
-# (`CONTRASTIVE_NOTEBOOK_FULL_BATCHES` optimiser steps, default 300; `CONTRASTIVE_NOTEBOOK_SEEDS`, default 3;
+# (`CONTRASTIVE_NOTEBOOK_FULL_BATCHES` optimiser steps, default 126 = 3 epochs; `CONTRASTIVE_NOTEBOOK_SEEDS`, default 3;
 # `CONTRASTIVE_NOTEBOOK_EXPERIMENTS` picks the experiment files, the first one is the baseline row).
 
 # %% tags=["parameters"]
@@ -33,10 +33,13 @@ SCALE = os.environ.get("CONTRASTIVE_NOTEBOOK_SCALE", "full")  # "smoke" or "full
 OUT = os.environ.get("CONTRASTIVE_NOTEBOOK_OUT")  # runs directory; None = runs/notebooks/loss_ablation/<SCALE>
 EXPERIMENTS = os.environ.get(
     "CONTRASTIVE_NOTEBOOK_EXPERIMENTS",
-    "infonce,dcl,hcl,soft_infonce_bm25,cement,slipform,feature_transforms,mochi,infonce_filtered").split(",")
-# Full scale: optimiser steps per run (about 1.8 epochs of the default corpus; the default bag-of-subwords
-# tower is past its steepest rise by then, see the learning curve of the main job).
-FULL_BATCHES = int(os.environ.get("CONTRASTIVE_NOTEBOOK_FULL_BATCHES", "300"))
+    "infonce,soft_infonce_bm25,soft_infonce_simcse,soft_infonce_frozen,dcl,hcl,cement,infonce_filtered").split(",")
+#: rows whose Soft-InfoNCE weights come from a finished run: they read the first row's run of the same seed
+#: (plain InfoNCE, as in Li et al. 2023) and share its tokenizer
+FROZEN_RUN_ROWS = {"soft_infonce_simcse", "soft_infonce_frozen"}
+# Full scale: optimiser steps per run (3 epochs of the default corpus at batch 256; the default bag-of-subwords
+# tower reaches its best validation MRR at about this point, see the learning curve of the main job).
+FULL_BATCHES = int(os.environ.get("CONTRASTIVE_NOTEBOOK_FULL_BATCHES", "126"))
 SEEDS = int(os.environ.get("CONTRASTIVE_NOTEBOOK_SEEDS", "2" if SCALE == "smoke" else "3"))
 
 # %%
@@ -82,6 +85,9 @@ for i, name in enumerate(EXPERIMENTS):
     exp = ROOT / "configs" / "codesearch" / f"{name}.yaml"
     for seed in range(SEEDS):
         extra = [] if i == seed == 0 else ["eval.bm25_baseline=false"]  # BM25 is the same for every run: once
+        if name in FROZEN_RUN_ROWS:
+            base = seed_runs[EXPERIMENTS[0]][seed]
+            extra += [f"model.similarity_estimator.run_dir={base}", f"data.tokenizer_dir={base / 'tokenizer'}"]
         run = next_version_dir(RUNS / f"codesearch_{name}")  # the directory `fit` is about to create
         t0 = time.time()
         with open(RUNS / f"{name}_seed{seed}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):

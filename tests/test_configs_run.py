@@ -61,7 +61,7 @@ def _fit(exp: Path, tmp: Path, extra: list[str]) -> dict:
 def test_every_experiment_config_trains_and_tests(exp, base_run, tmp_path):
     base_tmp, base = base_run
     extra: list[str] = []
-    if exp.stem == "soft_infonce_frozen":
+    if exp.stem in ("soft_infonce_frozen", "soft_infonce_simcse"):  # read a finished run
         extra = [f"model.similarity_estimator.run_dir={base}", f"data.tokenizer_dir={base / 'tokenizer'}"]
     if exp.parent.name == "clip" and exp.stem == "mined_filtered":
         extra = ["trainer.max_epochs=2"]  # mined from the second epoch on

@@ -44,7 +44,7 @@ PINNED_RECIPE = ["optim.lr=0.001", "data.code_aware=false", "trainer.val_check_i
 FIT_VARIANTS: dict[str, tuple[str, list[str]]] = {
     "infonce": ("configs/codesearch/infonce.yaml", ["loss.temperature=0.05"]),
     "faiss_hard_filtered_gradcache": ("configs/codesearch/infonce_filtered.yaml",
-                                      ["sampler=faiss_hard_filtered", "model.cache_chunk_size=8"]),
+                                      ["loss.temperature=0.05", "sampler=faiss_hard_filtered", "model.cache_chunk_size=8"]),
 }
 #: recorded too (tests/data/reproduce_baseline.json) but not rerun by the suite, to keep it fast: the queue
 #: and momentum encoder are covered at module level ("queue_momentum" above)

@@ -94,7 +94,10 @@ def _load_frozen_run(run_dir: str, checkpoint: Optional[str]) -> nn.Module:
         raise FileNotFoundError(f"similarity_estimator.run_dir: no config.yaml in {run}")
     cfg = validate(*compose(run / "config.yaml", []))
     tok = BPETokenizer.load(str(run / "tokenizer"))
-    model = build.build_model(cfg, tok.vocab_size, build.build_loss(cfg["loss"]))
+    # built under a forked RNG: the frozen copy's (overwritten) random init must not shift the random stream
+    # of the run being trained, so that a Soft-InfoNCE run and its InfoNCE baseline start from the same weights
+    with torch.random.fork_rng(devices=[]):
+        model = build.build_model(cfg, tok.vocab_size, build.build_loss(cfg["loss"]))
     candidates = [Path(checkpoint)] if checkpoint else [run / "checkpoints" / n for n in ("best.ckpt", "last.ckpt")]
     ckpt = next((c for c in candidates if c.is_file()), None)
     if ckpt is None:
