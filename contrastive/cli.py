@@ -227,30 +227,49 @@ def evaluate(job: Job, trainer: Any, ckpt: Optional[str]) -> dict[str, Any]:
     model_m = {k.split("/", 1)[1]: v for k, v in job.model.last_metrics.items() if k.startswith("test/")}
     rows = {"model": model_m}
     results: dict[str, Any] = {"test": model_m, "checkpoint": ckpt, "device": device_info(trainer)}
+    bm25_ranks = None
     if (job.cfg.get("eval") or {}).get("bm25_baseline", True) and trainer.is_global_zero:
         bm = bm25_baseline_for(job.datamodule)
         if bm is not None:
-            rows["bm25"] = bm
-            results["bm25"] = bm
+            rows["bm25"], bm25_ranks = bm
+            results["bm25"] = bm[0]
     if trainer.is_global_zero:
+        ranks = test_ranks(job)
+        if ranks is not None and bm25_ranks is not None:
+            results["model_vs_bm25"] = compare_with_bm25(ranks[1], bm25_ranks)
         if "corpus_size" in model_m:
             print(f"\nTest retrieval on {int(model_m['corpus_size'])} documents ({job.cfg['experiment']}):")
             print(format_table(rows, REPORT_KEYS))
+            if "model_vs_bm25" in results:
+                t = results["model_vs_bm25"]
+                print(f"model - BM25 MRR: {t['diff']:+.4f} (95% CI {t['ci_low']:+.4f} .. {t['ci_high']:+.4f}, paired "
+                      f"bootstrap over the {t['n']} test queries, p = {t['p_value']:.4f})")
         else:  # another setting's metrics (e.g. clip: i2t/t2i R@k, zero-shot, compositional accuracy)
             print(f"\nTest results ({job.cfg['experiment']}):")
             print(format_table(rows, list(model_m)))
         save_results(job.run_dir, results)
-        save_test_ranks(job, job.run_dir)
+        if ranks is not None:
+            save_test_ranks(job.run_dir, *ranks, bm25_ranks)
     return results
 
 
-def save_test_ranks(job: Job, run_dir: Path) -> Optional[Path]:
-    """Write ``run_dir/test_ranks.json``: each test query's ``pair_id`` and the 1-based full-corpus rank of its
-    gold document (unfiltered, as the ``mrr`` of ``results.json``), the input of paired significance tests
-    (:mod:`contrastive.metrics.significance`). Skipped for models or datamodules without the needed API."""
+def compare_with_bm25(model_ranks: Any, bm25_ranks: Any) -> dict[str, Any]:
+    """Paired bootstrap test of the model's test MRR against BM25's on the same queries (both ``(Q,)`` gold
+    ranks in pair-id order): ``diff`` = model − BM25, its 95% interval and two-sided p-value."""
+    from dataclasses import asdict
+
+    from contrastive.metrics.significance import paired_bootstrap_test, reciprocal_ranks
+
+    t = paired_bootstrap_test(reciprocal_ranks(model_ranks.cpu().numpy()), reciprocal_ranks(bm25_ranks.cpu().numpy()))
+    return {**asdict(t), "metric": "mrr"}
+
+
+def test_ranks(job: Job) -> Optional[tuple[Any, Any]]:
+    """``(pair_ids, ranks)`` of the code-search test queries, sorted by pair id: the 1-based full-corpus rank
+    of each query's gold document (unfiltered, as the ``mrr`` of ``results.json``). ``None`` for other
+    settings."""
     import torch
 
-    from contrastive.io import atomic_write_text
     from contrastive.metrics.retrieval import gold_ranks
 
     from datamodules.codesearch import CodeSearchDataModule, DualEncoderModule
@@ -270,9 +289,20 @@ def save_test_ranks(job: Job, run_dir: Path) -> Optional[Path]:
     model.train(was_training)
     order = torch.argsort(torch.cat(ids))
     qe, de = torch.cat(q)[order], torch.cat(d)[order]
-    ranks = gold_ranks(qe, de, torch.arange(qe.shape[0], device=qe.device))
+    return torch.cat(ids)[order].cpu(), gold_ranks(qe, de, torch.arange(qe.shape[0], device=qe.device)).cpu()
+
+
+def save_test_ranks(run_dir: Path, pair_ids: Any, ranks: Any, bm25_ranks: Any = None) -> Path:
+    """Write ``run_dir/test_ranks.json``: each test query's ``pair_id`` and the rank of its gold document
+    (:func:`test_ranks`), with BM25's (``bm25_rank``) when the baseline ran: the input of paired
+    significance tests (:mod:`contrastive.metrics.significance`)."""
+    from contrastive.io import atomic_write_text
+
+    data = {"pair_id": pair_ids.tolist(), "rank": ranks.tolist()}
+    if bm25_ranks is not None:
+        data["bm25_rank"] = bm25_ranks.tolist()
     out = run_dir / "test_ranks.json"
-    atomic_write_text(out, json.dumps({"pair_id": torch.cat(ids)[order].tolist(), "rank": ranks.tolist()}))
+    atomic_write_text(out, json.dumps(data))
     return out
 
 
@@ -287,8 +317,9 @@ def device_info(trainer: Any) -> dict[str, Any]:
             "cuda": torch.version.cuda if dev.type == "cuda" else None}
 
 
-def bm25_baseline_for(datamodule: Any) -> Optional[dict[str, float]]:
-    """BM25 on the code-search test split (``None`` for other settings)."""
+def bm25_baseline_for(datamodule: Any) -> Optional[tuple[dict[str, float], Any]]:
+    """BM25 on the code-search test split: its metrics and the ``(Q,)`` gold ranks of the test queries in
+    pair-id order (``None`` for other settings)."""
     from datamodules.codesearch import CodeSearchDataModule
 
     if not isinstance(datamodule, CodeSearchDataModule) or datamodule.corpus is None:
@@ -300,7 +331,8 @@ def bm25_baseline_for(datamodule: Any) -> Optional[dict[str, float]]:
 
     recs = sorted(corpus.records("test"), key=lambda r: r.id)
     positive = torch.arange(len(recs))
-    return {k: float(v) for k, v in bm25_baseline([r.query for r in recs], [r.document for r in recs], positive).items()}
+    metrics, ranks = bm25_baseline([r.query for r in recs], [r.document for r in recs], positive, return_ranks=True)
+    return {k: float(v) for k, v in metrics.items()}, ranks
 
 
 # ---------------------------------------------------------------------------------------------- commands

@@ -47,6 +47,13 @@ def test_fit_writes_run_directory_and_results(fitted, capsys):
     ranks = json.loads((run / "test_ranks.json").read_text())  # per-query ranks behind the test MRR
     assert len(ranks["rank"]) == len(ranks["pair_id"]) == res["test"]["corpus_size"]
     assert sum(1.0 / r for r in ranks["rank"]) / len(ranks["rank"]) == pytest.approx(res["test"]["mrr"], abs=1e-6)
+    # BM25's ranks of the same queries, and the paired test of the model against it
+    assert len(ranks["bm25_rank"]) == len(ranks["rank"])
+    bm25_mrr = sum(1.0 / r for r in ranks["bm25_rank"]) / len(ranks["bm25_rank"])
+    assert bm25_mrr == pytest.approx(res["bm25"]["mrr"], abs=1e-6)
+    vs = res["model_vs_bm25"]
+    assert vs["diff"] == pytest.approx(res["test"]["mrr"] - bm25_mrr, abs=1e-6) and vs["n"] == len(ranks["rank"])
+    assert vs["ci_low"] <= vs["diff"] <= vs["ci_high"] and 0.0 < vs["p_value"] <= 1.0
     corpus = json.loads((run / "corpus.json").read_text())
     assert len(corpus["content_fingerprint"]) == 40 and corpus["splits"]["test"] == res["test"]["corpus_size"]
     curve = (run / "learning_curve.csv").read_text().splitlines()

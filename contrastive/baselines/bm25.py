@@ -228,7 +228,8 @@ def bm25_baseline(
     n_distractors: int = 999,
     seed: int = 0,
     chunk_size: int = 256,
-) -> dict[str, float]:
+    return_ranks: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], Tensor]:
     """BM25 retrieval metrics with the same keys as :func:`contrastive.metrics.retrieval_metrics`, plus
     ``csn_mrr``.
 
@@ -236,7 +237,9 @@ def bm25_baseline(
     models; it matters for BM25, where many documents score exactly 0). They come from the dense score
     rows of ``chunk_size`` queries at a time. ``csn_mrr`` ranks query ``i`` against the same sampled
     distractors as :func:`contrastive.metrics.csn_mrr` (so it needs aligned pairs, ``positive[i] == i``
-    for ``len(queries) == len(docs)``; otherwise it is left out).
+    for ``len(queries) == len(docs)``; otherwise it is left out). ``return_ranks=True`` also returns the
+    ``(Q,)`` 1-based full-corpus rank of each query's gold document (the input of paired significance tests
+    against another system on the same queries).
     """
     positive = torch.as_tensor(positive, dtype=torch.long)
     if positive.shape != (len(queries),):
@@ -266,4 +269,4 @@ def bm25_baseline(
     out = metrics_from_ranks(ranks, ks, ndcg_k)
     if paired:
         out["csn_mrr"] = csn_rr.mean().item()
-    return out
+    return (out, ranks) if return_ranks else out
