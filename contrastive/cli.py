@@ -1,9 +1,10 @@
-"""The ``contrastive`` command line: ``fit``, ``validate``, ``test``, ``eval`` (and ``mine``).
+"""The ``contrastive`` command line: ``fit``, ``validate``, ``test``, ``eval`` (and ``mine``, ``export``).
 
     contrastive fit configs/codesearch/infonce.yaml loss.temperature=0.1 trainer.max_epochs=3
     contrastive fit configs/codesearch/infonce.yaml --resume            # last run of the experiment
     contrastive test runs/codesearch_infonce/version_0                   # best checkpoint of a run
     contrastive fit runs/codesearch_infonce/version_0/config.yaml        # relaunch from the saved config
+    contrastive export runs/clip_infonce/version_0 --out my_clip         # the setting's format (open_clip)
 
 Outputs go to ``runs/<experiment>/version_<n>/``: ``config.yaml`` (fully resolved), CSV and TensorBoard
 logs, ``checkpoints/{best,last}.ckpt``, ``tokenizer/`` and ``results.json``. User errors print one line and
@@ -553,7 +554,57 @@ def cmd_mine(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "validate": cmd_validate, "test": cmd_test, "eval": cmd_eval, "mine": cmd_mine}
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a trained run in its setting's own format through the model's ``export(out_dir)`` (clip: an
+    open_clip checkpoint and its model config). The files are written into a temporary folder beside
+    ``--out`` (default ``RUN_DIR/export``), which is renamed to ``--out`` once complete; an existing
+    ``--out`` is an error, never overwritten."""
+    import shutil
+    import tempfile
+
+    from contrastive.registry import MODELS
+
+    config_path, run_dir = resolve_target(args.config)
+    if run_dir is None:
+        raise UserError(f"export: {args.config} is not a run directory (give runs/<experiment>/version_<n>)")
+    cfg = load_config(config_path, args.overrides)
+    spec = cfg.get("model") or {}
+    name = spec if isinstance(spec, str) else spec.get("name")
+    model_cls = MODELS.get(name)
+    if not callable(getattr(model_cls, "export", None)):
+        raise UserError(f"export: model '{name}' ({model_cls.__name__}) has no export format; only settings whose "
+                        "module defines export() can be exported (e.g. model: clip)")
+    out = Path(args.out) if args.out else run_dir / "export"
+    if out.exists():
+        raise UserError(f"export: {out} already exists; remove it or give another --out")
+    ckpt = find_checkpoint(run_dir, args.ckpt)
+    assert ckpt is not None
+    state = read_checkpoint(ckpt)
+    job = Job(cfg, run_dir)
+    check_state_dict(job.model, state, ckpt)
+    job.model.load_state_dict(state["state_dict"])
+    job.model.eval()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"export: cannot write in {out.parent}: {e.strerror or type(e).__name__}") from None
+    try:
+        written = job.model.export(str(tmp))
+        if out.exists():
+            raise UserError(f"export: {out} appeared while exporting; remove it or give another --out")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"Exported {ckpt} (step {int(state.get('global_step', 0))}) -> {out}")
+    for key, path in sorted((written or {}).items()):
+        print(f"  {key}: {out / Path(path).name}")
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "validate": cmd_validate, "test": cmd_test, "eval": cmd_eval, "mine": cmd_mine,
+            "export": cmd_export}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -562,10 +613,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("fit", "train (then test) a model"), ("validate", "validate a checkpoint"),
                         ("test", "test a checkpoint"), ("eval", "test a checkpoint and the BM25 baseline"),
-                        ("mine", "mine negatives once with the config's sampler; write the table and a report")):
+                        ("mine", "mine negatives once with the config's sampler; write the table and a report"),
+                        ("export", "write a trained run in its setting's format (clip: an open_clip checkpoint)")):
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("config", help="experiment YAML, a run's config.yaml, a run directory"
-                        + (" or a checkpoint" if name in ("validate", "test", "eval") else ""))
+        sp.add_argument("config", metavar="RUN_DIR" if name == "export" else "config",
+                        help="a run directory" if name == "export" else "experiment YAML, a run's config.yaml, a run "
+                        "directory" + (" or a checkpoint" if name in ("validate", "test", "eval") else ""))
         sp.add_argument("overrides", nargs="*", help="key=value or group=name")
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if name == "fit":
@@ -583,6 +636,9 @@ def parser() -> argparse.ArgumentParser:
         if name == "mine":
             sp.add_argument("--out", default=None, metavar="FILE",
                             help="mined table .npz (default: <run dir>/negatives/mined.npz)")
+        if name == "export":
+            sp.add_argument("--out", default=None, metavar="DIR",
+                            help="export folder, must not exist yet (default: <run dir>/export)")
     return p
 
 
