@@ -3,14 +3,15 @@ open_clip image and text towers (:func:`~datamodules.clip.models.build_clip_towe
 tower, the clip batch format (:func:`clip_batch`) and an evaluator for image–text retrieval both ways,
 zero-shot accuracy and compositional accuracy per category.
 
-Temperature: the core's losses own their (learnable, clamped) temperature, and the module's step passes
-no external scale to them, so the loss's temperature is used; ``learnable_temperature: true`` with
-``min_temperature: 0.01`` is open_clip's clamped logit scale (``exp(logit_scale) <= 100``). The open_clip
-model's own ``logit_scale`` is set from the loss's temperature before export.
+Temperature: the loss's temperature is open_clip's learnable ``logit_scale`` (``t = 1 / exp(logit_scale)``,
+the parameter clamped to ``[0, ln 100]`` as open_clip does; :class:`~datamodules.clip.models.CLIPLogitScale`),
+handed to the core's loss with :meth:`~contrastive.losses.base.ContrastiveLoss.use_temperature`: the loss
+config's own temperature settings are unused, and a pretrained checkpoint's scale is kept. A loss without a
+temperature (the Cement margin loss) leaves the logit scale unused and frozen. The export writes the
+parameter as trained.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from contrastive.filters.base import NegativeFilter
 from contrastive.losses.base import ContrastiveLoss
+from contrastive.losses.infonce import ScaleTemperature
 from contrastive.models.batch import ContrastiveBatch, ExtraNegatives
 from contrastive.models.contrastive import ContrastiveModule
 from contrastive.models.evaluation import EvalOutputs
@@ -120,7 +122,8 @@ class ClipModule(ContrastiveModule):
     (:func:`clip_batch`) and :class:`ClipEvaluator`.
 
     Args:
-        loss: any :class:`~contrastive.losses.base.ContrastiveLoss` (its temperature is the logit scale).
+        loss: any :class:`~contrastive.losses.base.ContrastiveLoss`; its temperature becomes open_clip's
+            logit scale (module docstring).
         architecture: an open_clip model name, a shipped model-config name (``clip-tiny``) or a YAML file in
             open_clip's model-config format.
         pretrained: a local open_clip checkpoint file (nothing is downloaded); ``None``: random init.
@@ -150,6 +153,8 @@ class ClipModule(ContrastiveModule):
         filters: Optional[Sequence[NegativeFilter]] = None,
     ) -> None:
         towers = build_clip_towers(architecture, pretrained)
+        if loss.use_temperature(ScaleTemperature(towers.logit_scale)) == 0:
+            towers.model.logit_scale.requires_grad_(False)  # unused by the loss: not a trained parameter
         evaluator = ClipEvaluator(eval_chunk_size)
         super().__init__(
             ImageTextTower(towers), loss,
@@ -164,10 +169,5 @@ class ClipModule(ContrastiveModule):
         evaluator.module = self
 
     def export(self, out_dir: str) -> dict:
-        """Write the open_clip checkpoint (:func:`~datamodules.clip.models.export_open_clip`), its
-        ``logit_scale`` set to the loss's ``1 / temperature``."""
-        temp = getattr(self.loss_fn, "temperature", None)
-        if callable(temp):
-            with torch.no_grad():
-                self.towers.model.logit_scale.fill_(math.log(1.0 / float(temp())))
+        """Write the open_clip checkpoint and its model config (:func:`~datamodules.clip.models.export_open_clip`)."""
         return self.towers.export(out_dir)
