@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import lightning as L
 import numpy as np
@@ -18,6 +17,7 @@ from datamodules.clip.datamodule import ClipDataModule
 from datamodules.clip.loaders import ImageTextDataError, sample_id
 from datamodules.clip.model import ClipModule
 from datamodules.clip.samplers import SceneImageSampler
+from tests.test_clip_loaders import _tar as _shard
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20),
            "white": (245, 245, 245), "black": (10, 10, 10)}
@@ -29,16 +29,6 @@ def _png(rgb, seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _shard(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 @pytest.fixture
