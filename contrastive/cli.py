@@ -242,6 +242,7 @@ def evaluate(job: Job, trainer: Any, ckpt: Optional[str]) -> dict[str, Any]:
             print(format_table(rows, list(model_m)))
         save_results(job.run_dir, results)
         save_test_ranks(job, job.run_dir)
+        save_test_items(job, job.run_dir)
     return results
 
 
@@ -274,6 +275,20 @@ def save_test_ranks(job: Job, run_dir: Path) -> Optional[Path]:
     ranks = gold_ranks(qe, de, torch.arange(qe.shape[0], device=qe.device))
     out = run_dir / "test_ranks.json"
     atomic_write_text(out, json.dumps({"pair_id": torch.cat(ids)[order].tolist(), "rank": ranks.tolist()}))
+    return out
+
+
+def save_test_items(job: Job, run_dir: Path) -> Optional[Path]:
+    """Write ``run_dir/test_items.json``: the per-item outcomes of the test that the model's evaluators
+    report (``ContrastiveModule.last_items``, e.g. clip's per-caption ranks and per-item compositional
+    outcomes), for paired significance tests. Nothing when they report none."""
+    from contrastive.io import atomic_write_text
+
+    items = getattr(job.model, "last_items", None)
+    if not items:
+        return None
+    out = run_dir / "test_items.json"
+    atomic_write_text(out, json.dumps(items))
     return out
 
 

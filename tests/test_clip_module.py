@@ -89,7 +89,14 @@ def test_clip_evaluator_keys_and_a_hand_computed_case():
     cap_bad = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.2, 1.0]])  # caption 0 ranks image 1 first
     out = EvalOutputs.collect(cap_bad, torch.arange(3), labels_c, labels_c, img, torch.arange(2), torch.arange(2),
                               torch.arange(2))
-    assert abs(ClipEvaluator()(out, "val")["t2i/R@1"] - 2 / 3) < 1e-6
+    evaluator = ClipEvaluator()
+    assert abs(evaluator(out, "val")["t2i/R@1"] - 2 / 3) < 1e-6
+    assert evaluator.last_items == {}  # per-item outcomes only at test time
+    m = evaluator(out, "test")
+    # caption 0 ranks image 1 first; image 1 ties its caption 2 with caption 0 (ties count pessimistically)
+    assert evaluator.last_items == {"t2i/caption_id": [0, 1, 2], "t2i/rank": [2, 1, 1],
+                                    "i2t/image_id": [0, 1], "i2t/rank": [1, 2]}
+    assert m["i2t/R@1"] == 0.5
 
 
 def test_negative_captions_carry_their_difficulty_and_need_image_anchors(tmp_path):
@@ -160,3 +167,15 @@ def test_the_loss_temperature_is_open_clips_logit_scale_with_gradient_and_clamp(
 
     margin = ClipModule(CementLoss(calibration="constant"))
     assert not margin.towers.model.logit_scale.requires_grad
+
+
+def test_the_scene_seed_fixes_the_corpus_and_compositional_items_across_run_seeds(tmp_path):
+    def data(seed, scene_seed=None):
+        scenes = {**SCENES, **({"seed": scene_seed} if scene_seed is not None else {})}
+        dm = ClipDataModule(scenes=scenes, cache_dir=str(tmp_path), batch_size=8, seed=seed)
+        dm.setup("test")
+        return dm.dataset("test").records, [(it.image, it.negative) for it in dm.compositional_items("test")]
+
+    base = data(0)
+    assert data(1, scene_seed=0) == base
+    assert data(1) != base  # by default the run seed draws the scenes

@@ -215,7 +215,9 @@ class ClipDataModule(L.LightningDataModule):
         on_error: ``"skip"`` (count and log) or ``"raise"`` for missing / undecodable images and bad rows.
         caption_field: ``webdataset``: the caption key of a sample's ``json`` (a ``txt`` file is used first).
         shuffle_buffer: ``webdataset``: training samples shuffled through a buffer of this size.
-        scenes: :class:`~datamodules.clip.scenes.SceneSettings` fields (``n_train``, ``image_size``, ...).
+        scenes: :class:`~datamodules.clip.scenes.SceneSettings` fields (``n_train``, ``image_size``, ...);
+            its ``seed`` (default: ``seed``) fixes the scenes and the compositional test items, so runs of
+            several seeds can share one corpus.
         cache_dir: scene cache (default ``$CONTRASTIVE_CACHE/clip``).
         anchors: ``"captions"`` or ``"images"`` (which side the loss treats as anchors).
         captions_per_item: captions per training image (``None``: all of them).
@@ -258,7 +260,7 @@ class ClipDataModule(L.LightningDataModule):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"clip: {name} must be a positive integer; got {v!r}")
         try:
-            self.scene_settings = SceneSettings(**dict(scenes or {}), seed=seed) if source == "scenes" else None
+            self.scene_settings = SceneSettings(**{"seed": seed, **dict(scenes or {})}) if source == "scenes" else None
         except TypeError as e:
             raise ValueError(f"clip: scenes: {e}") from None
         self.source, self.paths, self.image_root = source, dict(paths or {}), image_root
@@ -417,7 +419,8 @@ class ClipDataModule(L.LightningDataModule):
         if self.source != "scenes":
             return []
         self.dataset(split)
-        return scene_compositional_items(self.corpus[split], seed=self.seed)
+        assert self.scene_settings is not None
+        return scene_compositional_items(self.corpus[split], seed=self.scene_settings.seed)
 
     def zero_shot_data(self) -> Optional[tuple[ImageTextDataset, list[str]]]:
         """The generated ``zeroshot`` split and its class names (the object shapes), or ``None``."""

@@ -70,11 +70,17 @@ class ClipEvaluator:
     candidates = the images): ``i2t/`` and ``t2i/`` ``R@1/5/10`` (success@k, the image–text papers' R@k),
     ``mrr`` (and their mean ``mrr``), plus ``num_images`` / ``num_captions``; at test time also zero-shot accuracy
     (``zeroshot/top1``) and compositional accuracy per category (``comp/<category>``, ``comp/mean``) on the
-    datamodule's data (generated scenes). ``module`` is bound by :class:`ClipModule`."""
+    datamodule's data (generated scenes). ``module`` is bound by :class:`ClipModule`.
+
+    At the ``extra_at`` stages :attr:`last_items` holds the per-item outcomes behind those figures (the
+    input of paired significance tests): ``t2i/caption_id`` and ``t2i/rank`` (each caption's rank of its
+    image), ``i2t/image_id`` and ``i2t/rank`` (each image's rank of its best-ranked caption), both sorted
+    by id, and ``comp/category`` and ``comp/correct`` per compositional item (the datamodule's order)."""
 
     def __init__(self, chunk_size: int = 4096, ks: Sequence[int] = (1, 5, 10), extra_at: Sequence[str] = ("test",)) -> None:
         self.chunk_size, self.ks, self.extra_at = int(chunk_size), tuple(ks), tuple(extra_at)
         self.module: Optional["ClipModule"] = None
+        self.last_items: dict[str, list] = {}
 
     def __call__(self, outputs: EvalOutputs, stage: str) -> dict[str, float]:
         from datamodules.clip.evaluation import image_text_retrieval
@@ -89,9 +95,22 @@ class ClipEvaluator:
                 out[f"{d}/R@{k}"] = m[f"{d}/success@{k}"]
         out["mrr"] = (out["i2t/mrr"] + out["t2i/mrr"]) / 2  # the default checkpoint monitor (val/mrr)
         out["num_images"], out["num_captions"] = float(o.candidates.shape[0]), float(o.anchors.shape[0])
-        if stage in self.extra_at and self.module is not None:
-            out.update(self.extra_metrics(stage))
+        self.last_items = {}
+        if stage in self.extra_at:
+            self.last_items = self.retrieval_items(o)
+            if self.module is not None:
+                out.update(self.extra_metrics(stage))
         return out
+
+    def retrieval_items(self, o: EvalOutputs) -> dict[str, list]:
+        """Per caption and per image, the rank of the first relevant item of the other side (by id)."""
+        from datamodules.clip.evaluation import first_relevant_ranks
+
+        t2i = first_relevant_ranks(o.anchors, o.candidates, o.anchor_labels, o.candidate_labels, self.chunk_size)
+        i2t = first_relevant_ranks(o.candidates, o.anchors, o.candidate_labels, o.anchor_labels, self.chunk_size)
+        a, c = torch.argsort(o.anchor_ids.cpu()), torch.argsort(o.candidate_ids.cpu())
+        return {"t2i/caption_id": o.anchor_ids.cpu()[a].tolist(), "t2i/rank": t2i[a].tolist(),
+                "i2t/image_id": o.candidate_ids.cpu()[c].tolist(), "i2t/rank": i2t[c].tolist()}
 
     def extra_metrics(self, stage: str) -> dict[str, float]:
         from datamodules.clip.evaluation import evaluate_compositional, evaluate_zero_shot, SCENE_TEMPLATES
@@ -110,7 +129,9 @@ class ClipEvaluator:
         items = dm.compositional_items(split)
         if items:
             comp = evaluate_compositional(module.towers.image, module.towers.text, dm.tokenizer, items, dm.transform,
-                                          images=dm.split_images(split))
+                                          images=dm.split_images(split), per_item=True)
+            self.last_items["comp/category"] = [it.category for it in items]
+            self.last_items["comp/correct"] = [int(v) for v in comp.pop("correct")]
             out.update({f"comp/{k}": float(v) for k, v in comp.items() if k != "items"})
             out["comp/num_items"] = float(len(items))
         return out
