@@ -1,9 +1,10 @@
-"""The ``contrastive`` command line: ``fit``, ``validate``, ``test``, ``eval`` (and ``mine``).
+"""The ``contrastive`` command line: ``fit``, ``validate``, ``test``, ``eval`` (and ``mine``, ``export``).
 
     contrastive fit configs/codesearch/infonce.yaml loss.temperature=0.1 trainer.max_epochs=3
     contrastive fit configs/codesearch/infonce.yaml --resume            # last run of the experiment
     contrastive test runs/codesearch_infonce/version_0                   # best checkpoint of a run
     contrastive fit runs/codesearch_infonce/version_0/config.yaml        # relaunch from the saved config
+    contrastive export runs/clip_infonce/version_0 --out my_clip         # the setting's format (open_clip)
 
 Outputs go to ``runs/<experiment>/version_<n>/``: ``config.yaml`` (fully resolved), CSV and TensorBoard
 logs, ``checkpoints/{best,last}.ckpt``, ``tokenizer/`` and ``results.json``. User errors print one line and
@@ -250,6 +251,7 @@ def evaluate(job: Job, trainer: Any, ckpt: Optional[str]) -> dict[str, Any]:
         save_results(job.run_dir, results)
         if ranks is not None:
             save_test_ranks(job.run_dir, *ranks, bm25_ranks)
+        save_test_items(job, job.run_dir)
     return results
 
 
@@ -303,6 +305,20 @@ def save_test_ranks(run_dir: Path, pair_ids: Any, ranks: Any, bm25_ranks: Any = 
         data["bm25_rank"] = bm25_ranks.tolist()
     out = run_dir / "test_ranks.json"
     atomic_write_text(out, json.dumps(data))
+    return out
+
+
+def save_test_items(job: Job, run_dir: Path) -> Optional[Path]:
+    """Write ``run_dir/test_items.json``: the per-item outcomes of the test that the model's evaluators
+    report (``ContrastiveModule.last_items``, e.g. clip's per-caption ranks and per-item compositional
+    outcomes), for paired significance tests. Nothing when they report none."""
+    from contrastive.io import atomic_write_text
+
+    items = getattr(job.model, "last_items", None)
+    if not items:
+        return None
+    out = run_dir / "test_items.json"
+    atomic_write_text(out, json.dumps(items))
     return out
 
 
@@ -585,7 +601,57 @@ def cmd_mine(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "validate": cmd_validate, "test": cmd_test, "eval": cmd_eval, "mine": cmd_mine}
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a trained run in its setting's own format through the model's ``export(out_dir)`` (clip: an
+    open_clip checkpoint and its model config). The files are written into a temporary folder beside
+    ``--out`` (default ``RUN_DIR/export``), which is renamed to ``--out`` once complete; an existing
+    ``--out`` is an error, never overwritten."""
+    import shutil
+    import tempfile
+
+    from contrastive.registry import MODELS
+
+    config_path, run_dir = resolve_target(args.config)
+    if run_dir is None:
+        raise UserError(f"export: {args.config} is not a run directory (give runs/<experiment>/version_<n>)")
+    cfg = load_config(config_path, args.overrides)
+    spec = cfg.get("model") or {}
+    name = spec if isinstance(spec, str) else spec.get("name")
+    model_cls = MODELS.get(name)
+    if not callable(getattr(model_cls, "export", None)):
+        raise UserError(f"export: model '{name}' ({model_cls.__name__}) has no export format; only settings whose "
+                        "module defines export() can be exported (e.g. model: clip)")
+    out = Path(args.out) if args.out else run_dir / "export"
+    if out.exists():
+        raise UserError(f"export: {out} already exists; remove it or give another --out")
+    ckpt = find_checkpoint(run_dir, args.ckpt)
+    assert ckpt is not None
+    state = read_checkpoint(ckpt)
+    job = Job(cfg, run_dir)
+    check_state_dict(job.model, state, ckpt)
+    job.model.load_state_dict(state["state_dict"])
+    job.model.eval()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"export: cannot write in {out.parent}: {e.strerror or type(e).__name__}") from None
+    try:
+        written = job.model.export(str(tmp))
+        if out.exists():
+            raise UserError(f"export: {out} appeared while exporting; remove it or give another --out")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"Exported {ckpt} (step {int(state.get('global_step', 0))}) -> {out}")
+    for key, path in sorted((written or {}).items()):
+        print(f"  {key}: {out / Path(path).name}")
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "validate": cmd_validate, "test": cmd_test, "eval": cmd_eval, "mine": cmd_mine,
+            "export": cmd_export}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -594,10 +660,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("fit", "train (then test) a model"), ("validate", "validate a checkpoint"),
                         ("test", "test a checkpoint"), ("eval", "test a checkpoint and the BM25 baseline"),
-                        ("mine", "mine negatives once with the config's sampler; write the table and a report")):
+                        ("mine", "mine negatives once with the config's sampler; write the table and a report"),
+                        ("export", "write a trained run in its setting's format (clip: an open_clip checkpoint)")):
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("config", help="experiment YAML, a run's config.yaml, a run directory"
-                        + (" or a checkpoint" if name in ("validate", "test", "eval") else ""))
+        sp.add_argument("config", metavar="RUN_DIR" if name == "export" else "config",
+                        help="a run directory" if name == "export" else "experiment YAML, a run's config.yaml, a run "
+                        "directory" + (" or a checkpoint" if name in ("validate", "test", "eval") else ""))
         sp.add_argument("overrides", nargs="*", help="key=value or group=name")
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if name == "fit":
@@ -615,6 +683,9 @@ def parser() -> argparse.ArgumentParser:
         if name == "mine":
             sp.add_argument("--out", default=None, metavar="FILE",
                             help="mined table .npz (default: <run dir>/negatives/mined.npz)")
+        if name == "export":
+            sp.add_argument("--out", default=None, metavar="DIR",
+                            help="export folder, must not exist yet (default: <run dir>/export)")
     return p
 
 

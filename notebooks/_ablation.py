@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -30,13 +30,11 @@ def seeds_table(runs: dict[str, Sequence[Path]], baseline: str, label: str, keys
     a dict. The last columns give ``Δ MRR`` against ``baseline`` (seed-averaged) and the two-sided p-value
     of a paired randomization test over the test queries of the per-query reciprocal ranks averaged over
     seeds, marked ``*`` (p < 0.05) / ``**`` (p < 0.01) with the sign of the difference."""
+    metrics: dict[str, list[dict]] = {}
     per_query: dict[str, list[np.ndarray]] = {}
-    rows: dict[str, dict] = {}
     ids_ref = None
     for name, dirs in runs.items():
-        results = [json.loads((Path(d) / "results.json").read_text())["test"] for d in dirs]
-        rows[name] = {"seeds": len(dirs), "runs": [str(d) for d in dirs],
-                      **{k: mean_std([r[k] for r in results]) for k in keys}}
+        metrics[name] = [json.loads((Path(d) / "results.json").read_text())["test"] for d in dirs]
         per_query[name] = []
         for d in dirs:
             ids, rr = run_reciprocal_ranks(Path(d))
@@ -45,16 +43,36 @@ def seeds_table(runs: dict[str, Sequence[Path]], baseline: str, label: str, keys
             if not np.array_equal(ids, ids_ref):
                 raise ValueError(f"{d}: tested on other queries than {runs[next(iter(runs))][0]} (different corpus?)")
             per_query[name].append(rr)
-    tests = compare_to_baseline(per_query, baseline, n_resamples=n_resamples)
-    head = f"| {label} | seeds | " + " | ".join(keys) + " | Δ mrr vs " + baseline + " | p (paired) |"
-    lines = [head, "|---" * (len(keys) + 4) + "|"]
-    for name, row in rows.items():
+    return tested_table(metrics, {"mrr": per_query}, baseline, label, keys, n_resamples, runs)
+
+
+def tested_table(metrics: Mapping[str, Sequence[Mapping[str, float]]],
+                 per_item: Mapping[str, Mapping[str, Sequence[np.ndarray]]], baseline: str, label: str,
+                 keys: Sequence[str], n_resamples: int = 10000,
+                 runs: Mapping[str, Sequence[Path]] | None = None) -> tuple[str, dict[str, dict]]:
+    """Markdown table and rows: per system (keys of ``metrics``, one metrics dict per seed) the mean ± std
+    of ``keys``; then for each tested measure ``m`` of ``per_item`` (``m -> system -> one per-item score
+    array per seed``, the same items in the same order) ``Δ m`` against ``baseline`` (seed-averaged) and the
+    p-value of a paired randomization test over the items of the scores averaged over seeds
+    (``*`` p < 0.05, ``**`` p < 0.01, with the sign). ``rows[system]["tests"][m]`` holds each test;
+    ``"test_vs_baseline"`` is the first measure's."""
+    tests = {m: compare_to_baseline(scores, baseline, n_resamples=n_resamples) for m, scores in per_item.items()}
+    head = [label, "seeds", *keys, *(c for m in per_item for c in (f"Δ {m} vs {baseline}", "p (paired)"))]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    rows: dict[str, dict] = {}
+    for name, results in metrics.items():
+        row: dict = {"seeds": len(results), **{k: mean_std([r[k] for r in results]) for k in keys}}
+        if runs is not None:
+            row["runs"] = [str(d) for d in runs[name]]
         cells = [f"{row[k][0]:.4f} ± {row[k][1]:.4f}" for k in keys]
-        t = tests.get(name)
-        if t is not None:
-            row["test_vs_baseline"] = {"diff": t.diff, "p_value": t.p_value, "method": t.method}
-            cmp = [f"{t.diff:+.4f} {significance_mark(t)}".strip(), f"{t.p_value:.4f}"]
-        else:
-            cmp = ["(baseline)", "-"]
-        lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " | " + " | ".join(cmp) + " |")
+        for m in per_item:
+            t = tests[m].get(name)
+            if t is None:
+                cells += ["(baseline)", "-"]
+                continue
+            row.setdefault("tests", {})[m] = {"diff": t.diff, "p_value": t.p_value, "method": t.method}
+            row.setdefault("test_vs_baseline", row["tests"][m])
+            cells += [f"{t.diff:+.4f} {significance_mark(t)}".strip(), f"{t.p_value:.4f}"]
+        rows[name] = row
+        lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines), rows

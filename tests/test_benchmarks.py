@@ -50,3 +50,14 @@ def test_profile_packed_benchmark_smoke() -> None:
     row = next(line for line in out.splitlines() if line.startswith("| 1 |")).split("|")
     fractions = [float(v) for v in row[3:9]]
     assert all(v >= 0 for v in fractions) and 0 < fractions[-1] <= 1
+
+
+def test_clip_step_benchmark_smoke() -> None:
+    out = run_script("clip_step.py", "--batch", "8", "--steps", "3", "--warmup", "1", "--repeats", "1")
+    rates = {tuple(c.strip() for c in line.split("|")[1:3]): float(line.split("|")[3]) for line in out.splitlines()
+             if line.startswith(("| bare |", "| lightning |"))}
+    assert set(rates) == {(p, c) for p in ("bare", "lightning") for c in ("wall", "cpu")}
+    assert all(v > 0 for v in rates.values())
+    for clock in ("wall", "cpu"):
+        ratio = float(out.split(f"ratio lightning / bare ({clock}): ")[1].split()[0])
+        assert ratio == pytest.approx(rates["lightning", clock] / rates["bare", clock], rel=0.01)

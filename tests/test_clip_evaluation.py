@@ -10,8 +10,8 @@ from PIL import Image
 from torch import nn
 
 from datamodules.clip.evaluation import (
-    SCENE_TEMPLATES, compositional_accuracy, encode_dataset, evaluate_compositional, evaluate_zero_shot,
-    image_text_retrieval,
+    SCENE_TEMPLATES, compositional_accuracy, compositional_correct, encode_dataset, evaluate_compositional,
+    evaluate_zero_shot, image_text_retrieval,
     read_image_folder, read_sugarcrepe, scene_compositional_items, zero_shot_accuracy, zero_shot_classifier,
 )
 from datamodules.clip.grammar import SHAPES, caption_holds
@@ -63,6 +63,7 @@ def test_compositional_accuracy_strict_per_category():
     acc = compositional_accuracy(img, pos, neg, ["swap_att", "swap_att", "add_obj", "add_obj"])
     # item 0: cos .995 > .707 right; item 1: .707 < 1 wrong; item 2: 1 > .707 right; item 3: tie -> wrong
     assert acc == {"swap_att": 0.5, "add_obj": 0.5, "mean": 0.5}
+    assert compositional_correct(img, pos, neg).tolist() == [True, False, True, False]
     with pytest.raises(ValueError, match="one row per item"):
         compositional_accuracy(img, pos, neg, ["a"])
 
@@ -123,7 +124,12 @@ def test_scene_pipeline_with_tiny_towers(tmp_path, monkeypatch):
     items = scene_compositional_items(split, seed=0)
     assert {it.category for it in items} >= {"replace_obj", "replace_att", "add_obj"}
     assert all(not caption_holds(it.negative, split.scenes[it.image]) for it in items)
-    acc = evaluate_compositional(towers.image, towers.text, towers.tokenizer, items, transform, images=split.images)
+    acc = evaluate_compositional(towers.image, towers.text, towers.tokenizer, items, transform, images=split.images,
+                                 per_item=True)
+    correct = acc.pop("correct")
+    assert len(correct) == len(items)
+    for cat, n in acc["items"].items():  # the per-item outcomes add up to the per-category accuracies
+        assert sum(c for c, it in zip(correct, items) if it.category == cat) / n == pytest.approx(acc[cat])
     # the same numbers from embeddings computed item by item
     img = torch.cat([towers.image({"pixels": transform(Image.fromarray(split.images[it.image]))[None]}) for it in items])
     with torch.no_grad():

@@ -2,6 +2,7 @@
 with several positives and generated negatives, and the evaluator's keys."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from contrastive.build import build_encoder
@@ -88,7 +89,14 @@ def test_clip_evaluator_keys_and_a_hand_computed_case():
     cap_bad = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.2, 1.0]])  # caption 0 ranks image 1 first
     out = EvalOutputs.collect(cap_bad, torch.arange(3), labels_c, labels_c, img, torch.arange(2), torch.arange(2),
                               torch.arange(2))
-    assert abs(ClipEvaluator()(out, "val")["t2i/R@1"] - 2 / 3) < 1e-6
+    evaluator = ClipEvaluator()
+    assert abs(evaluator(out, "val")["t2i/R@1"] - 2 / 3) < 1e-6
+    assert evaluator.last_items == {}  # per-item outcomes only at test time
+    m = evaluator(out, "test")
+    # caption 0 ranks image 1 first; image 1 ties its caption 2 with caption 0 (ties count pessimistically)
+    assert evaluator.last_items == {"t2i/caption_id": [0, 1, 2], "t2i/rank": [2, 1, 1],
+                                    "i2t/image_id": [0, 1], "i2t/rank": [1, 2]}
+    assert m["i2t/R@1"] == 0.5
 
 
 def test_negative_captions_carry_their_difficulty_and_need_image_anchors(tmp_path):
@@ -118,3 +126,56 @@ def test_random_word_sampler_is_a_different_control(tmp_path):
         dm.setup("fit")
         negs.append(next(iter(dm.train_dataloader()))["neg_ids"])
     assert negs[0].shape != negs[1].shape or not torch.equal(negs[0], negs[1])
+
+
+def test_the_loss_temperature_is_open_clips_logit_scale_with_gradient_and_clamp(tmp_path):
+    """ClipModule hands open_clip's ``logit_scale`` to the core loss (``use_temperature``): the loss's own
+    temperature is replaced, the parameter gets the loss's gradient (GradCache too: the same gradient),
+    is clamped to ln 100 as open_clip does, and is optimised once; a loss without a temperature freezes it."""
+    import math
+
+    from contrastive.losses import CementLoss
+
+    dm = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path), batch_size=8)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    clip = ClipModule(InfoNCELoss(temperature=0.5, learnable_temperature=False))
+    scale = clip.towers.model.logit_scale
+    assert float(clip.loss_fn.temperature()) == pytest.approx(0.07, rel=1e-5)  # open_clip's init, not 0.5
+    assert sum(p is scale for p in clip.parameters()) == 1
+    opt = clip.optimizer_settings.configure(clip, 10)["optimizer"]
+    assert sum(p is scale for g in opt.param_groups for p in g["params"]) == 1
+    loss, logs = clip.contrastive_step(batch)
+    loss.backward()
+    grad = scale.grad.clone()
+    assert float(grad.abs()) > 0
+    assert float(logs["temperature"]) == pytest.approx(0.07, rel=1e-5)
+
+    cached = ClipModule(InfoNCELoss(temperature=0.5), cache_chunk_size=4)
+    cached.load_state_dict(clip.state_dict())
+    surrogate, loss_c, _ = cached.gradcache_step(batch)
+    surrogate.backward()
+    assert float(loss_c) == pytest.approx(float(loss), rel=1e-5)
+    assert float(cached.towers.model.logit_scale.grad) == pytest.approx(float(grad), rel=1e-4, abs=1e-6)
+
+    with torch.no_grad():
+        scale.fill_(6.0)  # past open_clip's clamp
+    _, logs = clip.contrastive_step(batch)
+    assert float(logs["temperature"]) == pytest.approx(0.01, rel=1e-5)
+    assert float(scale) == pytest.approx(math.log(100.0))
+
+    margin = ClipModule(CementLoss(calibration="constant"))
+    assert not margin.towers.model.logit_scale.requires_grad
+
+
+def test_the_scene_seed_fixes_the_corpus_and_compositional_items_across_run_seeds(tmp_path):
+    def data(seed, scene_seed=None):
+        scenes = {**SCENES, **({"seed": scene_seed} if scene_seed is not None else {})}
+        dm = ClipDataModule(scenes=scenes, cache_dir=str(tmp_path), batch_size=8, seed=seed)
+        dm.setup("test")
+        return dm.dataset("test").records, [(it.image, it.negative) for it in dm.compositional_items("test")]
+
+    base = data(0)
+    assert data(1, scene_seed=0) == base
+    assert data(1) != base  # by default the run seed draws the scenes

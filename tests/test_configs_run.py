@@ -54,6 +54,14 @@ def _fit(exp: Path, tmp: Path, extra: list[str]) -> dict:
     runs = sorted((tmp / "runs").glob("*/version_*"), key=lambda p: p.stat().st_mtime)
     res = json.loads((runs[-1] / "results.json").read_text())
     assert 0.0 <= res["test"]["mrr"] <= 1.0
+    if exp.parent.name == "clip":  # per-item outcomes behind the figures (paired tests in the notebook)
+        items = json.loads((runs[-1] / "test_items.json").read_text())
+        for d in ("t2i", "i2t"):
+            assert sum(r == 1 for r in items[f"{d}/rank"]) / len(items[f"{d}/rank"]) == pytest.approx(res["test"][f"{d}/R@1"])
+        for cat in set(items["comp/category"]):
+            outcomes = [c for c, k in zip(items["comp/correct"], items["comp/category"]) if k == cat]
+            assert sum(outcomes) / len(outcomes) == pytest.approx(res["test"][f"comp/{cat}"])
+        assert len(items["comp/category"]) == len(items["comp/correct"]) == res["test"]["comp/num_items"]
     return res
 
 

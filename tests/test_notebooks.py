@@ -76,3 +76,12 @@ def test_notebook_executes_at_smoke_scale(source, python3_kernel, tmp_path, monk
         assert all(0.0 <= r["mrr"][0] <= 1.0 and r["seeds"] == 2 for r in rows.values())
         assert all(0.0 <= r["test_vs_baseline"]["p_value"] <= 1.0 for k, r in rows.items() if k != "infonce")
         assert "| BM25 (baseline) |" in (out / "loss_ablation.md").read_text()
+    if source.stem == "clip_ablation":
+        summary = json.loads((out / "clip_ablation.json").read_text())
+        rows = summary["rows"]
+        assert list(rows) == ["infonce", "neg_captions_random", "neg_captions_concreteness", "neg_images",
+                              "mined_filtered", "cement"]
+        assert all(r["seeds"] == summary["seeds"] == 2 and 0.0 <= r["comp/mean"][0] <= 1.0 for r in rows.values())
+        assert all(set(r["tests"]) == {"t2i R@1", "comp"} and all(0.0 <= t["p_value"] <= 1.0 for t in r["tests"].values())
+                   for k, r in rows.items() if k != "infonce")
+        assert (out / "clip_ablation_scores.png").stat().st_size > 0

@@ -174,7 +174,8 @@ def cmd_unsupported(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "fit": cmd_fit, "validate": cmd_validate, "test": cmd_test, "eval": cmd_test, "mine": cmd_unsupported}
+    "fit": cmd_fit, "validate": cmd_validate, "test": cmd_test, "eval": cmd_test, "mine": cmd_unsupported,
+    "export": cmd_unsupported}
 
 
 def task_commands(target: str) -> Optional[dict[str, Callable[[argparse.Namespace], int]]]:

@@ -8,7 +8,8 @@ registered by name in :data:`contrastive.registry.LOSSES`:
 """
 from contrastive.losses.base import ContrastiveInputs, ContrastiveLoss, LossInputError, LossOutput
 from contrastive.losses.combined import WeightedSumLoss, slipform
-from contrastive.losses.infonce import DebiasedContrastiveLoss, HardNegativeContrastiveLoss, InfoNCELoss, Temperature
+from contrastive.losses.infonce import (DebiasedContrastiveLoss, HardNegativeContrastiveLoss, InfoNCELoss,
+                                      ScaleTemperature, Temperature)
 from contrastive.losses.margin import CementLoss
 from contrastive.losses.masks import false_negative_mask_from_ids, positive_mask_from_labels
 from contrastive.losses.soft_infonce import SoftInfoNCELoss
@@ -23,6 +24,7 @@ __all__ = [
     "LossInputError",
     "LossOutput",
     "SoftInfoNCELoss",
+    "ScaleTemperature",
     "Temperature",
     "WeightedSumLoss",
     "false_negative_mask_from_ids",

@@ -153,6 +153,19 @@ class ContrastiveLoss(nn.Module, abc.ABC):
         super().__init__()
         self.symmetric = symmetric
 
+    def use_temperature(self, temperature: nn.Module) -> int:
+        """Make ``temperature`` (a module whose ``forward()`` returns the temperature t as a 0-d tensor) the
+        temperature of this loss and of its component losses, in place of their own fixed or learnable one,
+        so that a model that owns its logit scale (open_clip's ``logit_scale``) trains it through the loss.
+        The module is registered in the loss, so its parameters are the loss's (GradCache differentiates
+        them with the loss). Returns how many temperatures were replaced (0 for a loss without one, e.g. a
+        margin loss)."""
+        owners = [m for m in self.modules() if isinstance(m, ContrastiveLoss)
+                  and isinstance(getattr(m, "temperature", None), nn.Module)]
+        for m in owners:
+            m.temperature = temperature
+        return len(owners)
+
     @abc.abstractmethod
     def one_way(self, inputs: ContrastiveInputs) -> LossOutput:
         """Loss of the anchor→candidate direction on validated inputs."""

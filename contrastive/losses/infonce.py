@@ -36,6 +36,19 @@ class Temperature(nn.Module):
         return 1.0 / self.log_scale.clamp(lo, hi).exp()
 
 
+class ScaleTemperature(nn.Module):
+    """The temperature ``t = 1 / scale()`` of an external logit-scale module (its ``forward()`` returns the
+    0-d multiplier of the similarities, e.g. CLIP's clamped ``exp(logit_scale)``); give it to a loss with
+    :meth:`~contrastive.losses.base.ContrastiveLoss.use_temperature`."""
+
+    def __init__(self, scale: nn.Module) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self) -> Tensor:
+        return 1.0 / self.scale()
+
+
 def contrastive_logs(logits: Tensor, inputs: ContrastiveInputs) -> dict[str, Tensor]:
     """Detached monitoring values: top-1 accuracy (best candidate is a positive), mean positive and
     mean negative similarity (of the raw ``anchors @ candidates.T``)."""

@@ -93,6 +93,7 @@ class ContrastiveModule(L.LightningModule):
         self.batch_adapter = batch_adapter
         self._eval_outputs: list[dict[str, Tensor]] = []
         self.last_metrics: dict[str, float] = {}
+        self.last_items: dict[str, list] = {}  # per-item outcomes of the last evaluation (evaluators' last_items)
         if int(queue_size) < 0:
             raise ValueError(f"queue_size must be >= 0 (0 = no queue); got {queue_size}")
         if cache_chunk_size is not None and int(cache_chunk_size) <= 0:
@@ -332,8 +333,10 @@ class ContrastiveModule(L.LightningModule):
         if outputs is None:
             return
         metrics: dict[str, float] = {}
+        self.last_items = {}
         for evaluator in self.evaluators:
             metrics.update(evaluator(outputs, stage))
+            self.last_items.update(getattr(evaluator, "last_items", None) or {})
         self.last_metrics = {f"{stage}/{k}": float(v) for k, v in metrics.items()}
         for k, v in self.last_metrics.items():
             self.log(k, v, prog_bar=k in (f"{stage}/mrr",), sync_dist=False, rank_zero_only=True)

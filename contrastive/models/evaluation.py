@@ -60,7 +60,9 @@ def _first_occurrence(ids: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Evaluator(Protocol):
-    """``evaluator(outputs, stage) -> {name: value}``; ``stage`` is ``"val"`` or ``"test"``."""
+    """``evaluator(outputs, stage) -> {name: value}``; ``stage`` is ``"val"`` or ``"test"``. An evaluator may
+    also expose ``last_items: dict[str, list]``, per-item outcomes of its last call (e.g. each test query's
+    rank), which :class:`~contrastive.models.contrastive.ContrastiveModule` gathers into its ``last_items``."""
 
     def __call__(self, outputs: EvalOutputs, stage: str) -> dict[str, float]: ...
 

@@ -1,5 +1,5 @@
 """``ClipDataModule``: image–text pairs as batches of the core's contract, from the generated scenes (the
-embedded default) or a user's manifest / COCO-captions file.
+embedded default), a user's manifest / COCO-captions file, or WebDataset shards (streamed).
 
 Training rows are **images**: row ``r`` is image ``r`` of the train split with item id ``r`` (its
 ``image_id``) and duplicate group the scene-graph group (identical scene graphs: known false negatives).
@@ -18,6 +18,11 @@ from ``(seed, row)``); the batch dict (:class:`ClipCollate`) holds
 place of generated negative *images*); ``anchors="images"`` the reverse (image→text, the place of
 generated negative *captions* and of mined nearest captions). Validation and test batches are one item
 per caption with captions as anchors; the module's evaluator ranks both ways.
+
+``source="webdataset"`` streams tar shards (:class:`~datamodules.clip.loaders.WebDatasetImageText`): the
+training items are shuffled through a buffer (``shuffle_buffer``) instead of being indexed by row, so
+only samplers that neither add negatives nor order the batches (``in_batch``, ``queue``) apply, and image
+ids are stable hashes of shard name and sample key. The epoch length is counted once by reading the shards.
 """
 from __future__ import annotations
 
@@ -29,21 +34,29 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from contrastive.registry import DATAMODULES
 from contrastive.samplers.base import GeneratedNegatives as SamplerGenerated
 from datamodules.clip.evaluation import CompositionalItem, scene_compositional_items
-from datamodules.clip.loaders import (BadRecords, ImageTextCollate, ImageTextDataset, ImageTextRecord, image_transform,
-                                      read_coco_captions, read_manifest, scene_records)
+from datamodules.clip.loaders import (BadRecords, ImageTextDataset, ImageTextRecord, WebDatasetImageText,
+                                      image_transform, read_coco_captions, read_manifest, scene_records,
+                                      webdataset_urls)
 from datamodules.clip.models import resolve_architecture
 from datamodules.clip.negatives import SceneNegativeGenerator
 from datamodules.clip.scenes import SceneCorpus, SceneSettings, build_scene_corpus
 
 log = logging.getLogger("datamodules.clip")
 
-SOURCES = ("scenes", "manifest", "coco")
+SOURCES = ("scenes", "manifest", "coco", "webdataset")
 SIDES = ("captions", "images")
+
+
+def caption_rotation(captions: Sequence[str], k: Optional[int], seed: int, key: int) -> list[str]:
+    """``k`` of ``captions`` (``None``: all) in a fixed rotation whose start is drawn from ``(seed, key)``."""
+    n = len(captions) if k is None else min(k, len(captions))
+    start = int(np.random.default_rng([seed, key]).integers(len(captions)))
+    return [captions[(start + j) % len(captions)] for j in range(n)]
 
 
 class ClipTrainItems(Dataset):
@@ -58,10 +71,7 @@ class ClipTrainItems(Dataset):
         return len(self.images.records)
 
     def captions_of(self, row: int) -> list[str]:
-        caps = self.images.records[row].captions
-        k = len(caps) if self.k is None else min(self.k, len(caps))
-        start = int(np.random.default_rng([self.seed, row]).integers(len(caps)))
-        return [caps[(start + j) % len(caps)] for j in range(k)]
+        return caption_rotation(self.images.records[row].captions, self.k, self.seed, row)
 
     def __getitem__(self, row: int) -> Optional[dict[str, Any]]:
         rec = self.images.records[row]
@@ -70,6 +80,22 @@ class ClipTrainItems(Dataset):
             return None
         return {"row": int(row), "image": self.images.transform(img), "captions": self.captions_of(row),
                 "image_id": rec.image_id, "group": rec.group, "label": rec.label}
+
+
+class ClipStreamItems(IterableDataset):
+    """Training items streamed from WebDataset shards, in :class:`ClipTrainItems`' form without ``row``:
+    ``{"image", "captions", "image_id", "group", "label"}``; ``len`` = the usable samples of one pass."""
+
+    def __init__(self, shards: WebDatasetImageText, captions_per_item: Optional[int], seed: int = 0) -> None:
+        self.shards, self.k, self.seed = shards, captions_per_item, seed
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __iter__(self) -> Any:
+        for index, img, captions, _, _ in self.shards.samples():
+            yield {"image": self.shards.transform(img), "captions": caption_rotation(captions, self.k, self.seed, index),
+                   "image_id": index, "group": index, "label": -1}
 
 
 def text_inputs(tokenizer: Callable[[list[str]], Tensor], texts: Sequence[str]) -> dict[str, Tensor]:
@@ -180,13 +206,18 @@ class ClipDataModule(L.LightningDataModule):
 
     Args:
         source: ``"scenes"`` (generated compositional scenes, the default), ``"manifest"`` (CSV/TSV/JSONL
-            plus an image root) or ``"coco"`` (COCO-captions JSON per split).
+            plus an image root), ``"coco"`` (COCO-captions JSON per split) or ``"webdataset"`` (tar shards).
         architecture: the open_clip architecture (tokenizer and image size); filled from ``model:``.
-        paths: for ``manifest`` / ``coco``: ``{"train": file, "valid": file, "test": file}``.
+        paths: for ``manifest`` / ``coco``: ``{"train": file, "valid": file, "test": file}``; for
+            ``webdataset`` each is a glob, a brace pattern or a list of shards (``train-{000..009}.tar``).
         image_root: folder of the user's images (``manifest``: default the manifest's folder).
         image_column, caption_column: manifest columns (open_clip's ``filepath`` / ``title``).
         on_error: ``"skip"`` (count and log) or ``"raise"`` for missing / undecodable images and bad rows.
-        scenes: :class:`~datamodules.clip.scenes.SceneSettings` fields (``n_train``, ``image_size``, ...).
+        caption_field: ``webdataset``: the caption key of a sample's ``json`` (a ``txt`` file is used first).
+        shuffle_buffer: ``webdataset``: training samples shuffled through a buffer of this size.
+        scenes: :class:`~datamodules.clip.scenes.SceneSettings` fields (``n_train``, ``image_size``, ...);
+            its ``seed`` (default: ``seed``) fixes the scenes and the compositional test items, so runs of
+            several seeds can share one corpus.
         cache_dir: scene cache (default ``$CONTRASTIVE_CACHE/clip``).
         anchors: ``"captions"`` or ``"images"`` (which side the loss treats as anchors).
         captions_per_item: captions per training image (``None``: all of them).
@@ -197,13 +228,15 @@ class ClipDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        source: Literal["scenes", "manifest", "coco"] = "scenes",
+        source: Literal["scenes", "manifest", "coco", "webdataset"] = "scenes",
         architecture: str = "clip-tiny",
         paths: Optional[dict[str, str]] = None,
         image_root: Optional[str] = None,
         image_column: str = "filepath",
         caption_column: str = "title",
         on_error: Literal["skip", "raise"] = "skip",
+        caption_field: str = "caption",
+        shuffle_buffer: int = 1000,
         scenes: Optional[dict[str, Any]] = None,
         cache_dir: Optional[str] = None,
         anchors: Literal["captions", "images"] = "captions",
@@ -227,11 +260,14 @@ class ClipDataModule(L.LightningDataModule):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"clip: {name} must be a positive integer; got {v!r}")
         try:
-            self.scene_settings = SceneSettings(**dict(scenes or {}), seed=seed) if source == "scenes" else None
+            self.scene_settings = SceneSettings(**{"seed": seed, **dict(scenes or {})}) if source == "scenes" else None
         except TypeError as e:
             raise ValueError(f"clip: scenes: {e}") from None
         self.source, self.paths, self.image_root = source, dict(paths or {}), image_root
         self.image_column, self.caption_column = image_column, caption_column
+        if not isinstance(shuffle_buffer, int) or shuffle_buffer < 1:
+            raise ValueError(f"clip: shuffle_buffer must be a positive integer; got {shuffle_buffer!r}")
+        self.caption_field, self.shuffle_buffer = caption_field, shuffle_buffer
         self.bad = BadRecords(on_error)
         self.cache_dir, self.anchors, self.captions_per_item = cache_dir, anchors, captions_per_item
         self.batch_size, self.eval_batch_size, self.num_workers, self.seed = batch_size, eval_batch_size, num_workers, seed
@@ -245,8 +281,9 @@ class ClipDataModule(L.LightningDataModule):
         self.transform = image_transform(self.image_size, pre.get("mean", open_clip.OPENAI_DATASET_MEAN),
                                          pre.get("std", open_clip.OPENAI_DATASET_STD))
         self.corpus: Optional[SceneCorpus] = None
-        self._datasets: dict[str, ImageTextDataset] = {}
+        self._datasets: dict[str, Any] = {}
         self._train: Optional[ClipTrainItems] = None
+        self._stream: Optional[ClipStreamItems] = None
         self._sampler_ready = False
 
     # ------------------------------------------------------------------------------ building
@@ -264,8 +301,27 @@ class ClipDataModule(L.LightningDataModule):
             raise ValueError("clip: source='coco' needs image_root")
         return read_coco_captions(path, self.image_root, bad=self.bad), None
 
-    def dataset(self, split: str) -> ImageTextDataset:
-        """One item per caption of ``split`` (``train``, ``valid``, ``test``; ``zeroshot`` for scenes)."""
+    def _shards(self, split: str, train: bool) -> WebDatasetImageText:
+        path = self.paths.get(split)
+        if path is None:
+            raise ValueError(f"clip: paths has no {split!r} shards")
+        return WebDatasetImageText(webdataset_urls(path, f"data.paths.{split}"), self.transform, self.caption_field,
+                                   bad=self.bad, seed=self.seed, per="image" if train else "caption",
+                                   shuffle=self.shuffle_buffer if train else 0)
+
+    @property
+    def streams(self) -> bool:
+        """Whether the data is streamed (``webdataset``): no row-indexed training items."""
+        return self.source == "webdataset"
+
+    def dataset(self, split: str) -> Any:
+        """One item per caption of ``split`` (``train``, ``valid``, ``test``; ``zeroshot`` for scenes): an
+        :class:`ImageTextDataset`, or a :class:`WebDatasetImageText` stream for ``webdataset``."""
+        if split not in self._datasets and self.streams:
+            ds = self._shards(split, train=False)
+            if len(ds) == 0:
+                raise ValueError(f"clip: the {split} shards have no sample with an image and a caption")
+            self._datasets[split] = ds
         if split not in self._datasets:
             records, images = self._records(split)
             if not records:
@@ -285,13 +341,19 @@ class ClipDataModule(L.LightningDataModule):
         splits = {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",)}.get(stage or "",
                                                                                            ("train", "valid", "test"))
         for s in splits:
-            self.dataset(s)
-        if "train" in splits and self._train is None:
+            if not (self.streams and s == "train"):
+                self.dataset(s)
+        if "train" in splits and self.streams and self._stream is None:
+            self._stream = ClipStreamItems(self._shards("train", train=True), self.captions_per_item, self.seed)
+        elif "train" in splits and self._train is None:
             self._train = ClipTrainItems(self.dataset("train"), self.captions_per_item, self.seed)
 
     # ------------------------------------------------------------------------------ loaders
     @property
     def train_items(self) -> ClipTrainItems:
+        if self.streams:
+            raise ValueError("clip: source webdataset streams its shards: its training rows cannot be indexed (samplers "
+                             "that add negatives or mine need source scenes, manifest or coco)")
         if self._train is None:
             self.setup("fit")
         assert self._train is not None
@@ -302,9 +364,26 @@ class ClipDataModule(L.LightningDataModule):
         images, or each row's first caption, as ``side`` is the image or the caption side."""
         return RowInputs(self.train_items, self.tokenizer, self.anchors)(rows, side)
 
+    def _stream_loader(self) -> DataLoader:
+        from contrastive.samplers.collate import generates, shapes_batches
+
+        if generates(self.sampler) or shapes_batches(self.sampler):
+            raise ValueError(f"clip: sampler {type(self.sampler).__name__} needs indexed training rows; source "
+                             "webdataset streams its shards (use sampler in_batch or queue, or source manifest/coco)")
+        if self._stream is None:
+            self.setup("fit")
+        assert self._stream is not None
+        if len(self._stream) < self.batch_size:
+            raise ValueError(f"clip: the train shards have {len(self._stream)} usable samples, fewer than "
+                             f"batch_size={self.batch_size}")
+        return DataLoader(self._stream, batch_size=self.batch_size, drop_last=True, num_workers=self.num_workers,
+                          collate_fn=ClipCollate(self.tokenizer, self.anchors))
+
     def train_dataloader(self) -> DataLoader:
         from contrastive.samplers.collate import attach_sampler
 
+        if self.streams:
+            return self._stream_loader()
         items = self.train_items
         if len(items) < self.batch_size:
             raise ValueError(f"clip: the train split has {len(items)} images, fewer than batch_size={self.batch_size}")
@@ -340,7 +419,8 @@ class ClipDataModule(L.LightningDataModule):
         if self.source != "scenes":
             return []
         self.dataset(split)
-        return scene_compositional_items(self.corpus[split], seed=self.seed)
+        assert self.scene_settings is not None
+        return scene_compositional_items(self.corpus[split], seed=self.scene_settings.seed)
 
     def zero_shot_data(self) -> Optional[tuple[ImageTextDataset, list[str]]]:
         """The generated ``zeroshot`` split and its class names (the object shapes), or ``None``."""
@@ -355,6 +435,7 @@ class ClipDataModule(L.LightningDataModule):
         return self.corpus[split].images if self.corpus is not None else None
 
     def describe(self) -> dict[str, Any]:
-        out = {s: {"images": len(d.records), "captions": len(d)} for s, d in self._datasets.items()}
+        out: dict[str, Any] = {s: {"images": len(d.records), "captions": len(d)} if isinstance(d, ImageTextDataset)
+                               else {"captions": len(d)} for s, d in self._datasets.items()}
         out["skipped_records"] = self.bad.count
         return out

@@ -117,6 +117,19 @@ def image_text_retrieval(image_emb: Tensor, text_emb: Tensor, image_labels: Tens
     return {k.replace("i_to_t/", "i2t/").replace("t_to_i/", "t2i/"): float(v) for k, v in out.items()}
 
 
+def first_relevant_ranks(query_emb: Tensor, doc_emb: Tensor, query_labels: Tensor, doc_labels: Tensor,
+                         chunk_size: int = 4096) -> Tensor:
+    """``(Q,)`` long: the 1-based rank of each query's best-ranked relevant document (document ``j`` is
+    relevant to query ``i`` iff their labels are equal; ties pessimistic, as the metrics count them), so
+    ``rank <= k`` is the query's success@k (the R@k of :func:`image_text_retrieval`); a query without a
+    relevant document gets ``N + 1``."""
+    from contrastive.metrics.ranks import relevant_ranks
+
+    rr = relevant_ranks(query_emb, doc_emb, query_labels, doc_labels, chunk_size=chunk_size)
+    out = torch.full((query_emb.shape[0],), doc_emb.shape[0] + 1, dtype=torch.long, device=rr.rank.device)
+    return out.scatter_reduce(0, rr.query.long(), rr.rank.long(), reduce="amin").cpu()
+
+
 # ------------------------------------------------------------------------------------ zero-shot
 
 def zero_shot_classifier(text_tower: nn.Module, tokenizer: Callable[[list[str]], Tensor],
@@ -168,17 +181,24 @@ def read_image_folder(root: str | os.PathLike) -> tuple[list[ImageTextRecord], l
 
 # ------------------------------------------------------------------------------- compositional
 
-def compositional_accuracy(image_emb: Tensor, caption_emb: Tensor, negative_emb: Tensor,
-                           categories: Sequence[str]) -> dict[str, float]:
-    """Per category, the share of items whose image scores its caption strictly above the negative
-    (cosine scores); ``"mean"`` is the unweighted mean over the categories present. Row ``i`` of the three
-    ``(N, d)`` tensors is item ``i``."""
-    if not (len(image_emb) == len(caption_emb) == len(negative_emb) == len(categories)):
-        raise ValueError("image, caption and negative embeddings and categories need one row per item")
+def compositional_correct(image_emb: Tensor, caption_emb: Tensor, negative_emb: Tensor) -> Tensor:
+    """``(N,)`` bool: item ``i``'s image scores its caption strictly above its negative (cosine scores);
+    row ``i`` of the three ``(N, d)`` tensors is item ``i``."""
+    if not (len(image_emb) == len(caption_emb) == len(negative_emb)):
+        raise ValueError("image, caption and negative embeddings need one row per item")
     img = F.normalize(image_emb.float(), dim=-1)
     pos = (img * F.normalize(caption_emb.float(), dim=-1)).sum(-1)
     neg = (img * F.normalize(negative_emb.float(), dim=-1)).sum(-1)
-    correct = (pos > neg).numpy()
+    return pos > neg
+
+
+def compositional_accuracy(image_emb: Tensor, caption_emb: Tensor, negative_emb: Tensor,
+                           categories: Sequence[str]) -> dict[str, float]:
+    """Per category, the share of items whose image scores its caption strictly above the negative
+    (:func:`compositional_correct`); ``"mean"`` is the unweighted mean over the categories present."""
+    if len(categories) != len(image_emb):
+        raise ValueError("image, caption and negative embeddings and categories need one row per item")
+    correct = compositional_correct(image_emb, caption_emb, negative_emb).numpy()
     cats = np.asarray(categories)
     out = {c: float(correct[cats == c].mean()) for c in dict.fromkeys(categories)}
     if out:
@@ -247,9 +267,10 @@ def scene_compositional_items(split: SceneSplit, perturber: CaptionPerturber | N
 def evaluate_compositional(image_tower: nn.Module, text_tower: nn.Module, tokenizer: Callable[[list[str]], Tensor],
                            items: Sequence[CompositionalItem], transform: Callable[[Image.Image], Tensor],
                            image_root: str | os.PathLike | None = None, images: np.ndarray | None = None,
-                           batch_size: int = 256) -> dict[str, Any]:
+                           batch_size: int = 256, per_item: bool = False) -> dict[str, Any]:
     """Compositional accuracy per category of ``items`` (SugarCrepe files or generated scenes); each image
-    is encoded once. Returns the accuracies and ``"items"``: the number of items per category."""
+    is encoded once. Returns the accuracies and ``"items"``: the number of items per category; with
+    ``per_item`` also ``"correct"``: one bool per item, in the order of ``items``."""
     loader = ImageTextDataset([], transform, image_root=image_root, images=images, bad=BadRecords("raise"))
     keys = list(dict.fromkeys(it.image for it in items))
     index = {k: i for i, k in enumerate(keys)}
@@ -260,4 +281,6 @@ def evaluate_compositional(image_tower: nn.Module, text_tower: nn.Module, tokeni
     cats = [it.category for it in items]
     acc: dict[str, Any] = compositional_accuracy(img[rows], texts[0::2], texts[1::2], cats)
     acc["items"] = {c: cats.count(c) for c in dict.fromkeys(cats)}
+    if per_item:
+        acc["correct"] = compositional_correct(img[rows], texts[0::2], texts[1::2]).tolist()
     return acc

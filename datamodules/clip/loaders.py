@@ -344,55 +344,126 @@ def sample_id(url: str, key: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 2
 
 
+def webdataset_urls(spec: str | Sequence[str], what: str = "shards") -> str | list[str]:
+    """Shard locations: a list of files, a glob (``data/train-*.tar``, expanded and sorted) or a brace
+    pattern (``data/train-{000..009}.tar``, passed to webdataset, which expands it). A glob or file that
+    matches nothing is an :class:`ImageTextDataError` naming it."""
+    import glob
+
+    if not isinstance(spec, str):
+        urls = [str(u) for u in spec]
+        missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
+        if not urls or missing:
+            raise ImageTextDataError(f"{what}: shard file(s) not found: {missing[:5] or '(empty list)'}")
+        return urls
+    if "{" in spec or "://" in spec or spec.startswith("pipe:"):
+        return spec
+    urls = sorted(glob.glob(os.path.expanduser(spec)))
+    if not urls:
+        raise ImageTextDataError(f"{what}: no shard matches {spec!r}")
+    return urls
+
+
 class WebDatasetImageText(IterableDataset):
     """Items from WebDataset tar shards (``webdataset`` package): an image (``jpg``/``jpeg``/``png``/
     ``webp``/``bmp``) and a caption (``txt``, or ``json`` with ``caption_field``: a string or a list).
-    ``image_id`` (= ``caption_id`` = ``group``) is a stable id of the sample, :func:`sample_id` of its
-    shard's file name and key, the same in every worker and every epoch. A sample
-    without an image or caption, or whose image does not decode, is skipped and counted or raises,
-    naming the shard and the sample key."""
+    ``image_id`` (= ``group``) is a stable id of the sample, :func:`sample_id` of its shard's file name and
+    key, the same in every worker and every epoch. A sample without an image or caption, or whose image does
+    not decode, is skipped and counted (once, however many passes) or raises, naming the shard and the key.
+
+    ``per="image"``: one item per sample with a caption drawn from ``(seed, image_id)`` (``caption_id`` =
+    ``image_id``); ``per="caption"``: one item per caption (evaluation: every positive), ``caption_id`` the
+    :func:`sample_id` of ``key#c``. ``shuffle > 0``: a shard order and a sample buffer of that size
+    (training), new on every pass and drawn from ``seed`` and the pass number (in a loader worker: from the
+    worker's seed, which the loader draws anew each epoch); shards are split over DDP ranks and loader
+    workers. :meth:`samples` gives the decoded samples with all their captions.
+    """
 
     def __init__(self, urls: str | Sequence[str], transform: Callable[[Image.Image], Tensor],
-                 caption_field: str = "caption", bad: BadRecords | None = None, seed: int = 0) -> None:
+                 caption_field: str = "caption", bad: BadRecords | None = None, seed: int = 0,
+                 per: str = "image", shuffle: int = 0) -> None:
+        if per not in ("caption", "image"):
+            raise ValueError(f"per must be 'caption' or 'image'; got {per!r}")
         self.urls = urls if isinstance(urls, str) else list(urls)
         self.transform, self.caption_field, self.seed = transform, caption_field, seed
+        self.per, self.shuffle, self.passes = per, int(shuffle), 0
         self.bad = bad or BadRecords()
+        self._reported: set[str] = set()
+        self._length: int | None = None
 
-    def _item(self, sample: Mapping[str, Any]) -> dict[str, Any] | None:
-        where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}"
-        img_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
+    def _pipeline(self) -> Any:
+        import webdataset as wds
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        seed = int(np.random.default_rng([self.seed, self.passes if info is None else info.seed]).integers(2**31))
+        self.passes += 1
+        shards = self.shuffle > 0 and not isinstance(self.urls, str) and len(self.urls) > 1
+        pipe = wds.WebDataset(self.urls, shardshuffle=len(self.urls) if shards else False, detshuffle=shards,
+                              seed=seed, nodesplitter=wds.split_by_node, empty_check=False)
+        return pipe.shuffle(self.shuffle, seed=seed) if self.shuffle > 0 else pipe
+
+    def _report(self, where: str, reason: str) -> None:
+        if where not in self._reported:
+            self._reported.add(where)
+            self.bad.report(where, reason)
+
+    def _captions(self, sample: Mapping[str, Any]) -> list[str]:
         cap_key = next((k for k in CAPTION_EXTENSIONS if k in sample), None)
-        if img_key is None:
-            self.bad.report(where, f"no image ({'/'.join(IMAGE_EXTENSIONS)})")
-            return None
         captions: list[str] = []
         if cap_key == "txt":
             captions = [sample["txt"].decode("utf-8", "replace").strip()]
         elif cap_key == "json":
             try:
                 value = json.loads(sample["json"]).get(self.caption_field)
-            except (json.JSONDecodeError, AttributeError):
+            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
                 value = None
             captions = [str(v).strip() for v in (value if isinstance(value, list) else [value]) if v]
-        captions = [c for c in captions if c]
-        if not captions:
-            self.bad.report(where, "no caption (txt, or json with " + repr(self.caption_field) + ")")
-            return None
-        try:
-            with Image.open(io.BytesIO(sample[img_key])) as im:
-                img = im.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            self.bad.report(where, f"image {img_key!r} cannot be decoded ({type(e).__name__}: {e})")
-            return None
-        index = sample_id(str(sample.get("__url__", "")), str(sample.get("__key__", "")))
-        c = int(np.random.default_rng([self.seed, index]).integers(len(captions)))
-        return {"image": self.transform(img), "caption": captions[c], "image_id": index, "caption_id": index,
-                "group": index, "label": -1}
+        return [c for c in captions if c]
+
+    def samples(self) -> Iterator[tuple[int, Image.Image, list[str], str, str]]:
+        """``(image_id, RGB image, captions, shard, sample key)`` of every usable sample, in stream order."""
+        for sample in self._pipeline():
+            url, key = str(sample.get("__url__", "?")), str(sample.get("__key__", "?"))
+            where = f"{url}: sample {key!r}"
+            img_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
+            if img_key is None:
+                self._report(where, f"no image ({'/'.join(IMAGE_EXTENSIONS)})")
+                continue
+            captions = self._captions(sample)
+            if not captions:
+                self._report(where, "no caption (txt, or json with " + repr(self.caption_field) + ")")
+                continue
+            try:
+                with Image.open(io.BytesIO(sample[img_key])) as im:
+                    img = im.convert("RGB")
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                self._report(where, f"image {img_key!r} cannot be decoded ({type(e).__name__}: {e})")
+                continue
+            yield sample_id(url, key), img, captions, url, key
+
+    def __len__(self) -> int:
+        """Items of one pass (samples with an image and a caption; images are not decoded here), counted
+        once by reading the shards."""
+        if self._length is None:
+            import webdataset as wds
+
+            n = 0
+            for sample in wds.WebDataset(self.urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                         empty_check=False):
+                if any(k in sample for k in IMAGE_EXTENSIONS):
+                    caps = self._captions(sample)
+                    n += (len(caps) if self.per == "caption" else 1) if caps else 0
+            self._length = n
+        return self._length
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        import webdataset as wds
-        pipeline = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False)
-        for sample in pipeline:
-            item = self._item(sample)
-            if item is not None:
-                yield item
+        for index, img, captions, url, key in self.samples():
+            image = self.transform(img)
+            base = {"image": image, "image_id": index, "group": index, "label": -1}
+            if self.per == "image":
+                c = int(np.random.default_rng([self.seed, index]).integers(len(captions)))
+                yield {**base, "caption": captions[c], "caption_id": index}
+            else:
+                for c, caption in enumerate(captions):
+                    yield {**base, "caption": caption, "caption_id": sample_id(url, f"{key}#{c}")}

@@ -3,14 +3,15 @@ open_clip image and text towers (:func:`~datamodules.clip.models.build_clip_towe
 tower, the clip batch format (:func:`clip_batch`) and an evaluator for image–text retrieval both ways,
 zero-shot accuracy and compositional accuracy per category.
 
-Temperature: the core's losses own their (learnable, clamped) temperature, and the module's step passes
-no external scale to them, so the loss's temperature is used; ``learnable_temperature: true`` with
-``min_temperature: 0.01`` is open_clip's clamped logit scale (``exp(logit_scale) <= 100``). The open_clip
-model's own ``logit_scale`` is set from the loss's temperature before export.
+Temperature: the loss's temperature is open_clip's learnable ``logit_scale`` (``t = 1 / exp(logit_scale)``,
+the parameter clamped to ``[0, ln 100]`` as open_clip does; :class:`~datamodules.clip.models.CLIPLogitScale`),
+handed to the core's loss with :meth:`~contrastive.losses.base.ContrastiveLoss.use_temperature`: the loss
+config's own temperature settings are unused, and a pretrained checkpoint's scale is kept. A loss without a
+temperature (the Cement margin loss) leaves the logit scale unused and frozen. The export writes the
+parameter as trained.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from contrastive.filters.base import NegativeFilter
 from contrastive.losses.base import ContrastiveLoss
+from contrastive.losses.infonce import ScaleTemperature
 from contrastive.models.batch import ContrastiveBatch, ExtraNegatives
 from contrastive.models.contrastive import ContrastiveModule
 from contrastive.models.evaluation import EvalOutputs
@@ -68,11 +70,17 @@ class ClipEvaluator:
     candidates = the images): ``i2t/`` and ``t2i/`` ``R@1/5/10`` (success@k, the image–text papers' R@k),
     ``mrr`` (and their mean ``mrr``), plus ``num_images`` / ``num_captions``; at test time also zero-shot accuracy
     (``zeroshot/top1``) and compositional accuracy per category (``comp/<category>``, ``comp/mean``) on the
-    datamodule's data (generated scenes). ``module`` is bound by :class:`ClipModule`."""
+    datamodule's data (generated scenes). ``module`` is bound by :class:`ClipModule`.
+
+    At the ``extra_at`` stages :attr:`last_items` holds the per-item outcomes behind those figures (the
+    input of paired significance tests): ``t2i/caption_id`` and ``t2i/rank`` (each caption's rank of its
+    image), ``i2t/image_id`` and ``i2t/rank`` (each image's rank of its best-ranked caption), both sorted
+    by id, and ``comp/category`` and ``comp/correct`` per compositional item (the datamodule's order)."""
 
     def __init__(self, chunk_size: int = 4096, ks: Sequence[int] = (1, 5, 10), extra_at: Sequence[str] = ("test",)) -> None:
         self.chunk_size, self.ks, self.extra_at = int(chunk_size), tuple(ks), tuple(extra_at)
         self.module: Optional["ClipModule"] = None
+        self.last_items: dict[str, list] = {}
 
     def __call__(self, outputs: EvalOutputs, stage: str) -> dict[str, float]:
         from datamodules.clip.evaluation import image_text_retrieval
@@ -87,9 +95,22 @@ class ClipEvaluator:
                 out[f"{d}/R@{k}"] = m[f"{d}/success@{k}"]
         out["mrr"] = (out["i2t/mrr"] + out["t2i/mrr"]) / 2  # the default checkpoint monitor (val/mrr)
         out["num_images"], out["num_captions"] = float(o.candidates.shape[0]), float(o.anchors.shape[0])
-        if stage in self.extra_at and self.module is not None:
-            out.update(self.extra_metrics(stage))
+        self.last_items = {}
+        if stage in self.extra_at:
+            self.last_items = self.retrieval_items(o)
+            if self.module is not None:
+                out.update(self.extra_metrics(stage))
         return out
+
+    def retrieval_items(self, o: EvalOutputs) -> dict[str, list]:
+        """Per caption and per image, the rank of the first relevant item of the other side (by id)."""
+        from datamodules.clip.evaluation import first_relevant_ranks
+
+        t2i = first_relevant_ranks(o.anchors, o.candidates, o.anchor_labels, o.candidate_labels, self.chunk_size)
+        i2t = first_relevant_ranks(o.candidates, o.anchors, o.candidate_labels, o.anchor_labels, self.chunk_size)
+        a, c = torch.argsort(o.anchor_ids.cpu()), torch.argsort(o.candidate_ids.cpu())
+        return {"t2i/caption_id": o.anchor_ids.cpu()[a].tolist(), "t2i/rank": t2i[a].tolist(),
+                "i2t/image_id": o.candidate_ids.cpu()[c].tolist(), "i2t/rank": i2t[c].tolist()}
 
     def extra_metrics(self, stage: str) -> dict[str, float]:
         from datamodules.clip.evaluation import evaluate_compositional, evaluate_zero_shot, SCENE_TEMPLATES
@@ -108,7 +129,9 @@ class ClipEvaluator:
         items = dm.compositional_items(split)
         if items:
             comp = evaluate_compositional(module.towers.image, module.towers.text, dm.tokenizer, items, dm.transform,
-                                          images=dm.split_images(split))
+                                          images=dm.split_images(split), per_item=True)
+            self.last_items["comp/category"] = [it.category for it in items]
+            self.last_items["comp/correct"] = [int(v) for v in comp.pop("correct")]
             out.update({f"comp/{k}": float(v) for k, v in comp.items() if k != "items"})
             out["comp/num_items"] = float(len(items))
         return out
@@ -120,7 +143,8 @@ class ClipModule(ContrastiveModule):
     (:func:`clip_batch`) and :class:`ClipEvaluator`.
 
     Args:
-        loss: any :class:`~contrastive.losses.base.ContrastiveLoss` (its temperature is the logit scale).
+        loss: any :class:`~contrastive.losses.base.ContrastiveLoss`; its temperature becomes open_clip's
+            logit scale (module docstring).
         architecture: an open_clip model name, a shipped model-config name (``clip-tiny``) or a YAML file in
             open_clip's model-config format.
         pretrained: a local open_clip checkpoint file (nothing is downloaded); ``None``: random init.
@@ -150,6 +174,8 @@ class ClipModule(ContrastiveModule):
         filters: Optional[Sequence[NegativeFilter]] = None,
     ) -> None:
         towers = build_clip_towers(architecture, pretrained)
+        if loss.use_temperature(ScaleTemperature(towers.logit_scale)) == 0:
+            towers.model.logit_scale.requires_grad_(False)  # unused by the loss: not a trained parameter
         evaluator = ClipEvaluator(eval_chunk_size)
         super().__init__(
             ImageTextTower(towers), loss,
@@ -164,10 +190,5 @@ class ClipModule(ContrastiveModule):
         evaluator.module = self
 
     def export(self, out_dir: str) -> dict:
-        """Write the open_clip checkpoint (:func:`~datamodules.clip.models.export_open_clip`), its
-        ``logit_scale`` set to the loss's ``1 / temperature``."""
-        temp = getattr(self.loss_fn, "temperature", None)
-        if callable(temp):
-            with torch.no_grad():
-                self.towers.model.logit_scale.fill_(math.log(1.0 / float(temp())))
+        """Write the open_clip checkpoint and its model config (:func:`~datamodules.clip.models.export_open_clip`)."""
         return self.towers.export(out_dir)
