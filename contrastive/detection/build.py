@@ -4,7 +4,8 @@ An experiment with ``task: detection`` has these top-level sections (each a plai
 the constructor arguments of the class named, checked before anything runs):
 
 - ``data``: ``name`` = ``synthetic_scenes`` | ``coco`` (:mod:`datamodules.detection`);
-- ``model``: :class:`DetrDetector` sizes (backbone, d_model, layers, queries);
+- ``model``: :class:`DetrDetector` sizes (backbone, d_model, layers, queries); optional ``denoising``:
+  ``{groups, box_noise, label_noise}`` of :class:`~contrastive.detection.denoising.DenoisingQueries`;
 - ``head``: ``name`` = ``linear`` | ``category_query`` (:mod:`contrastive.detection.heads`); for
   ``category_query``, ``init_embeddings`` initialises the category embeddings from class-name text
   embeddings: a mapping ``{checkpoint, model_config, prompt}`` (a local open_clip checkpoint encoded by its
@@ -27,6 +28,7 @@ from contrastive.config.schema import RunConfig, TrainerConfig
 from contrastive.config.validate import _check_dataclass, check_type, constructor_params
 from contrastive.detection.category_samplers import CATEGORY_SAMPLERS, CategoryHierarchyFilter
 from contrastive.detection.criterion import DetectionSetLoss
+from contrastive.detection.denoising import DenoisingQueries
 from contrastive.detection.detector import DetrDetector
 from contrastive.detection.evaluation import CocoEvaluator
 from contrastive.detection.heads import CLASSIFICATION_HEADS
@@ -56,7 +58,7 @@ def _registries() -> dict[str, dict[str, Callable]]:
 
 #: arguments filled at build time, never given in YAML
 FILLED = {"head": {"num_classes", "d_model", "parents", "sampler", "init_embeddings"}, "model": {"head"},
-          "filters": {"parents"}, "loss": {"matcher"}}
+          "filters": {"parents"}, "loss": {"matcher"}, "denoising": {"num_classes", "d_model"}}
 TOP_LEVEL = ("task", "experiment", "seed", "data", "model", "head", "category_sampler", "filters", "matcher", "loss",
              "optim", "trainer", "run")
 
@@ -134,6 +136,8 @@ def validate_detection(cfg: dict, prov: Optional[Provenance] = None) -> dict:
         _check_kwargs(spec, f"filters.{i}", reg["filters"][name], prov, FILLED["filters"])
         out["filters"].append(spec)
     _check_kwargs(cfg["model"], "model", DetrDetector, prov, FILLED["model"])
+    if cfg["model"].get("denoising") is not None:
+        _check_kwargs(cfg["model"]["denoising"], "model.denoising", DenoisingQueries, prov, FILLED["denoising"])
     for key, target in (("matcher", HungarianMatcher), ("loss", DetectionSetLoss)):
         if cfg.get(key) is not None:
             _check_kwargs(cfg[key], key, target, prov, FILLED.get(key, set()))
@@ -175,7 +179,10 @@ def build_detection_module(cfg: dict, datamodule: Any) -> DetectionModule:
         sampler = cfg.get("category_sampler") or {"name": "cq_topk"}
         head_kwargs["sampler"] = CATEGORY_SAMPLERS[sampler["name"]](**_kwargs(sampler))
     head = CLASSIFICATION_HEADS[head_name](**head_kwargs, **head_spec)
-    detector = DetrDetector(head=head, **cfg["model"])
+    model_spec = dict(cfg["model"])
+    dn_spec = model_spec.pop("denoising", None)
+    denoising = DenoisingQueries(datamodule.num_classes, d_model, **dn_spec) if dn_spec is not None else None
+    detector = DetrDetector(head=head, denoising=denoising, **model_spec)
     criterion = DetectionSetLoss(HungarianMatcher(**(cfg.get("matcher") or {})), **(cfg.get("loss") or {}))
     filters = []
     for f in cfg.get("filters") or []:

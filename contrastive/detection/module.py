@@ -70,17 +70,21 @@ class DetectionModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = batch
-        labels = [t["labels"] for t in targets]
-        out = self.detector(images, labels)
+        labels, boxes = [t["labels"] for t in targets], [t["boxes"] for t in targets]
+        out = self.detector(images, labels, boxes)
         ctx = out.context
         slots = [ctx.slots_of(b, lab) for b, lab in enumerate(labels)]
         mask = None
         if len(self.chain):
             mask, removed = negative_filter_mask(self.chain, ctx.categories, labels, ctx.presence)
             self.log("train/filtered_fraction", removed, batch_size=len(targets))
-        losses = self.criterion(out.stages, [t["boxes"] for t in targets], slots, mask)
+        losses = self.criterion(out.stages, boxes, slots, mask)
         loss = losses["loss"]
         bs = len(targets)
+        if out.denoising is not None:
+            dn = self.criterion.denoising_loss(out.denoising_stages, out.denoising, boxes, slots, mask)
+            loss = loss + dn["loss"]
+            self.log("train/denoising_loss", dn["loss"].detach(), batch_size=bs)
         if ctx.loss is not None:
             loss = loss + ctx.loss
             self.log("train/presence_loss", ctx.loss.detach(), batch_size=bs)
