@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import contrastive.cli as cli
+from contrastive.detection.category_samplers import IndexTopKSampler, RandomCategorySampler
+from contrastive.detection.heads import CategoryQueryHead
 from contrastive.runs import snapshot
 from tests.helpers import final_state
 
@@ -108,3 +110,27 @@ def test_resume_mid_epoch_is_bit_identical(reference, cache, tmp_path, monkeypat
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     times = ckpt["detection_epoch_times"]["epoch_times_s"]
     assert len(times) == 1 and times[0] > 0  # epoch 0's time survived the resume
+
+
+@pytest.mark.parametrize("make", [lambda: RandomCategorySampler(seed=3), lambda: IndexTopKSampler(neighbours=2, refresh_every=2)],
+                         ids=["random", "index_topk"])
+def test_category_sampler_state_travels_in_the_heads_state_dict(make):
+    """A head restored from another's ``state_dict`` makes the same category choices from then on."""
+    g = torch.Generator().manual_seed(0)
+    presence = torch.randn(3, 12, generator=g)
+    gt = [torch.tensor([1, 5]), torch.tensor([0]), torch.tensor([7, 8, 9])]
+    a = CategoryQueryHead(12, 16, num_selected=6, embed_dim=8, nheads=2, sampler=make())
+    emb = a.embeddings.detach()
+    for _ in range(3):
+        a.sampler.select(presence, gt, 6, emb)
+    b = CategoryQueryHead(12, 16, num_selected=6, embed_dim=8, nheads=2, sampler=make())
+    b.load_state_dict(a.state_dict())
+    for step in range(4):
+        emb = emb + 0.1 * step  # index_topk refreshes its table from the embeddings it is given
+        assert torch.equal(a.sampler.select(presence, gt, 6, emb), b.sampler.select(presence, gt, 6, emb))
+    assert b.sampler.state_dict().keys() == a.sampler.state_dict().keys() != set()
+    if isinstance(a.sampler, RandomCategorySampler):  # without the state the choices differ
+        fresh = make()
+        assert not all(torch.equal(a.sampler.select(presence, gt, 6), fresh.select(presence, gt, 6)) for _ in range(3))
+    else:
+        assert a.sampler.calls == b.sampler.calls == 7 and a.sampler.refreshes == 4
