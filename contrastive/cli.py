@@ -59,13 +59,28 @@ def resolve_target(target: str) -> tuple[Path, Optional[Path]]:
     return p, None
 
 
+#: settings whose experiments say ``task: <name>``: their own config schema (checked by
+#: ``contrastive.<name>.build.validate_<name>``) and :class:`Job` subclass; without ``task`` an experiment
+#: is one of the registry-built settings (code search, clip)
+TASKS = ("detection",)
+
+
 def load_config(path: Path, overrides: Sequence[str]) -> dict:
     from contrastive.config.loader import compose
-    from contrastive.config.validate import validate
+    from contrastive.config.validate import check_experiment, resolve
 
     importlib.import_module("datamodules")  # settings register their samplers (e.g. clip's generated negatives)
     cfg, prov = compose(path, list(overrides))
-    return validate(cfg, prov)
+    data = resolve(cfg, prov)
+    task = data.get("task")
+    if task is None:
+        return check_experiment(data, prov)
+    if task == "detection":
+        from contrastive.detection.build import validate_detection
+
+        return validate_detection(data, prov)
+    raise ConfigError(f"key 'task' (from {prov.of('task')}): unknown task {task!r}; valid choices: "
+                      f"{', '.join(TASKS)} (or no 'task' key)")
 
 
 def find_checkpoint(run_dir: Optional[Path], explicit: Optional[str]) -> Optional[str]:
@@ -83,19 +98,24 @@ def find_checkpoint(run_dir: Optional[Path], explicit: Optional[str]) -> Optiona
 
 # ---------------------------------------------------------------------------------------------- wiring
 class Job:
-    """Everything one command needs, built from a validated config."""
+    """Everything one command needs, built from a validated config (:meth:`build`; a setting with its own
+    ``task`` overrides it and :meth:`test_results`)."""
 
     def __init__(self, cfg: dict, run_dir: Path) -> None:
         import lightning as L
         import torch
-
-        from contrastive import build
 
         self.cfg, self.run_dir = cfg, run_dir
         run = cfg.get("run") or {}
         if run.get("num_threads"):
             torch.set_num_threads(int(run["num_threads"]))
         L.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
+        self.build(cfg, run_dir)
+
+    def build(self, cfg: dict, run_dir: Path) -> None:
+        """Set ``sampler``, ``datamodule`` (set up for fit), ``loss`` and ``model``."""
+        from contrastive import build
+
         with building("sampler"):
             self.sampler = build.build_sampler(cfg.get("sampler"))
         with building("data"):
@@ -114,6 +134,11 @@ class Job:
                 objects["feature_transform"] = build.build_transforms(cfg["transforms"])
         with building("model"):
             self.model = build.build_model(cfg, getattr(self.datamodule, "vocab_size", None), self.loss, **objects)
+
+    def test_results(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """What ``results.json`` holds besides ``metrics`` (the ``test/`` metrics without the prefix, which a
+        setting may edit in place, e.g. to move non-scalar entries out of the printed table)."""
+        return {}
 
     def trainer(self, callbacks_extra: Sequence[Any] = (), log_dir: Optional[Path] = None,
                 resume_step: Optional[int] = None) -> Any:
@@ -150,6 +175,15 @@ class Job:
         with building("trainer"):
             return L.Trainer(default_root_dir=str(self.run_dir), logger=loggers, callbacks=callbacks,
                              plugins=[atomic_checkpoint_io()], **trainer_kwargs(self.cfg))
+
+
+def make_job(cfg: dict, run_dir: Path) -> Job:
+    """The :class:`Job` of ``cfg``'s setting (``task``, see :data:`TASKS`)."""
+    if cfg.get("task") == "detection":
+        from contrastive.detection.job import DetectionJob
+
+        return DetectionJob(cfg, run_dir)
+    return Job(cfg, run_dir)
 
 
 def _misconfiguration() -> type:
@@ -214,7 +248,7 @@ def format_table(rows: dict[str, dict[str, float]], keys: Sequence[str]) -> str:
     sep = "|---" * (len(keys) + 1) + "|"
     lines = [head, sep]
     for system, m in rows.items():
-        lines.append(f"| {system} | " + " | ".join(f"{m[k]:.4f}" if k in m else "-" for k in keys) + " |")
+        lines.append(f"| {system} | " + " | ".join(f"{m[k]:.4f}" if m.get(k) is not None else "-" for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -226,8 +260,9 @@ def evaluate(job: Job, trainer: Any, ckpt: Optional[str]) -> dict[str, Any]:
     job.datamodule.setup("test")
     trainer.test(job.model, datamodule=job.datamodule, ckpt_path=ckpt, verbose=False)
     model_m = {k.split("/", 1)[1]: v for k, v in job.model.last_metrics.items() if k.startswith("test/")}
+    extra = job.test_results(model_m)
     rows = {"model": model_m}
-    results: dict[str, Any] = {"test": model_m, "checkpoint": ckpt, "device": device_info(trainer)}
+    results: dict[str, Any] = {"test": model_m, "checkpoint": ckpt, "device": device_info(trainer), **extra}
     bm25_ranks = None
     if (job.cfg.get("eval") or {}).get("bm25_baseline", True) and trainer.is_global_zero:
         bm = bm25_baseline_for(job.datamodule)
@@ -359,7 +394,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         config_path, _ = resolve_target(args.config)
         cfg = load_config(config_path, args.overrides)
         with new_run_dir(output_root(cfg)) as run_dir:  # removed again if the run fails before it starts
-            return _fit(Job(cfg, run_dir), cfg, None, None)
+            return _fit(make_job(cfg, run_dir), cfg, None, None)
     return _resume(args)
 
 
@@ -428,7 +463,7 @@ def _resume(args: argparse.Namespace) -> int:
         hint = (f"the newest valid checkpoint is {alt[0]} (step {int(alt[1].get('global_step', 0))}): resume from it "
                 f"with --resume {run_dir} --ckpt {alt[0]}" if alt else f"no valid checkpoint in {run_dir / 'checkpoints'}")
         raise CheckpointError(f"--resume: {e}; {hint}") from None
-    job = Job(cfg, run_dir)
+    job = make_job(cfg, run_dir)
     check_state_dict(job.model, state, ckpt)
     print(f"Resuming {run_dir} from {ckpt} (step {int(state.get('global_step', 0))})")
     # Lightning warns about a non-empty checkpoint directory; a resumed run's directory holds its checkpoints
@@ -473,7 +508,7 @@ def _load_for_eval(args: argparse.Namespace, command: str, stack: contextlib.Exi
     fresh = run_dir is None or args.untrained
     if fresh:  # results of a config + checkpoint or an untrained model: a new run
         run_dir = stack.enter_context(new_run_dir(output_root(cfg)))
-    job = Job(cfg, run_dir)
+    job = make_job(cfg, run_dir)
     if state is not None:
         check_state_dict(job.model, state, ckpt)
     if fresh:
@@ -540,6 +575,8 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
     config_path, run_dir = resolve_target(args.config)
     cfg = load_config(config_path, args.overrides)
+    if cfg.get("task") is not None:
+        raise UserError(f"'mine' is not available for task '{cfg['task']}' (it mines a negative sampler's table)")
     user_out = Path(args.out) if args.out else None
     if user_out is not None:
         _check_out(user_out)
@@ -549,7 +586,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if run_dir is None:
             run_dir = stack.enter_context(new_run_dir(output_root(cfg)))
-        job = Job(cfg, run_dir)
+        job = make_job(cfg, run_dir)
         sampler = job.sampler
         name = (cfg.get("sampler") or {}).get("name", "in_batch") if isinstance(cfg.get("sampler"), dict) else cfg.get("sampler")
         if not isinstance(sampler, CorpusSampler):
@@ -710,9 +747,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = args.debug or os.environ.get("CONTRASTIVE_DEBUG") == "1"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from contrastive.detection.cli import task_commands  # a config with ``task: detection``
-
-        return (task_commands(args.config) or COMMANDS)[args.command](args)
+        return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("contrastive: interrupted", file=sys.stderr)
         return 130

@@ -1,7 +1,10 @@
 """Small shared builders for tests."""
 from __future__ import annotations
 
+import csv
 import socket
+from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -64,3 +67,12 @@ def tiny_codesearch(cache, out, epochs: int = 2, checkpoint_every: int = 3) -> l
             "trainer.enable_progress_bar=false", "optim.warmup_steps=2", f"run.output_dir={out}",
             f"run.checkpoint_every_n_steps={checkpoint_every}", "run.test_after_fit=false", "run.num_threads=1",
             "eval.bm25_baseline=false"]
+
+
+def final_state(run: Path, drop_columns: Sequence[str] = ()) -> tuple[dict, dict, list[dict]]:
+    """A run's ``last.ckpt`` weights and optimiser state, and its ``metrics.csv`` rows without
+    ``drop_columns`` (e.g. wall-clock times), for comparing a resumed run with an uninterrupted one."""
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    with open(run / "metrics.csv", newline="") as f:
+        rows = [{k: v for k, v in r.items() if k not in drop_columns} for r in csv.DictReader(f)]
+    return ckpt["state_dict"], ckpt["optimizer_states"][0]["state"], rows

@@ -58,3 +58,6 @@ def test_config_errors_name_the_key(tmp_path, cache, capsys):
     assert "linear, category_query" in capsys.readouterr().err
     assert main(["mine", cfg]) == 2
     assert "not available for task 'detection'" in capsys.readouterr().err
+    assert main(["fit", cfg, *_overrides(tmp_path, cache), "task=segmentation"]) == 2
+    assert "unknown task 'segmentation'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("version_*"))

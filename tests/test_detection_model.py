@@ -245,7 +245,7 @@ def test_linear_logits_equal_category_query_with_one_hot_tokens():
 
 def test_text_embedding_initialisation(tmp_path):
     from contrastive.config.errors import ConfigError
-    from contrastive.detection.build import load_text_embeddings
+    from contrastive.detection.text_init import saved_class_embeddings as load_text_embeddings
 
     names = ["red circle", "blue square"]
     path = tmp_path / "text.pt"

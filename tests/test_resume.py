@@ -3,7 +3,6 @@ the uninterrupted run (weights, optimiser, every logged metric), for in-batch, r
 negatives and the memory queue; a failed resume leaves the run directory byte-identical."""
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import tiny_codesearch
+from tests.helpers import final_state, tiny_codesearch
 
 from contrastive.cli import main
 
@@ -59,13 +58,6 @@ def fit_killed(args: list[str], step: int) -> None:
 
 def run_dir(out: Path) -> Path:
     return out / "codesearch_infonce" / "version_0"
-
-
-def final_state(run: Path) -> tuple[dict, dict, list[dict]]:
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    with open(run / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    return ckpt["state_dict"], ckpt["optimizer_states"][0]["state"], rows
 
 
 @pytest.fixture(scope="module")

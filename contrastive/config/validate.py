@@ -27,8 +27,9 @@ NESTED: dict[str, dict[str, str]] = {"model": {"encoder": "encoder", "doc_encode
                                                "similarity_estimator": "similarity estimator"}}
 
 
-def validate(cfg: DictConfig, prov: Provenance) -> dict:
-    """Check ``cfg``; return it as a plain resolved dict. Raises :class:`ConfigError`."""
+def resolve(cfg: DictConfig, prov: Provenance) -> dict:
+    """``cfg`` as a plain dict with interpolations resolved; raises :class:`ConfigError` on an interpolation
+    error or a key left at ``???``."""
     try:
         data = to_container(cfg)
     except Exception as e:  # interpolation errors
@@ -37,6 +38,16 @@ def validate(cfg: DictConfig, prov: Provenance) -> dict:
     if missing:
         raise ConfigError(f"key '{missing}' (from {prov.of(missing)}) has no value (???); set it on the command "
                           f"line, e.g. {missing}=...")
+    return data
+
+
+def validate(cfg: DictConfig, prov: Provenance) -> dict:
+    """Check ``cfg``; return it as a plain resolved dict. Raises :class:`ConfigError`."""
+    return check_experiment(resolve(cfg, prov), prov)
+
+
+def check_experiment(data: dict, prov: Provenance) -> dict:
+    """Check a resolved experiment (:func:`resolve`) against the schemas and registries; returns it."""
     for key in data:
         if key not in TOP_LEVEL:
             raise ConfigError(_unknown(key, prov, TOP_LEVEL))

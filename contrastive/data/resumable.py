@@ -78,3 +78,20 @@ class ShuffleBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+
+class EpochTaggedBatchSampler(ShuffleBatchSampler):
+    """:class:`ShuffleBatchSampler` whose batches hold ``(epoch, position)`` pairs instead of positions, so
+    that a dataset can draw an item's random augmentation from a generator seeded by ``(seed, epoch,
+    position)`` (:func:`item_seed`): the augmentation then depends neither on the global random state nor
+    on the number of loader workers, and a resumed run augments every item as the interrupted one did."""
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:  # type: ignore[override]
+        epoch = self.epoch
+        for batch in super().__iter__():
+            yield [(epoch, i) for i in batch]
+
+
+def item_seed(seed: int, epoch: int, position: int) -> int:
+    """A 63-bit seed for item ``position`` in epoch ``epoch`` of a run seeded with ``seed``."""
+    return ((int(seed) * 1_000_003 + int(epoch)) * 1_000_003 + int(position)) % (2**63 - 1)

@@ -18,7 +18,9 @@ _EXPORTS = {
     "evaluation": ("CocoEvaluator", "select_detections", "to_coco_results"),
     "heads": ("CLASSIFICATION_HEADS", "CategoryContext", "CategoryQueryHead", "ClassificationHead", "LinearClassHead"),
     "matcher": ("HungarianMatcher",),
+    "job": ("DetectionJob",),
     "module": ("DetectionModule",),
+    "text_init": ("OpenClipClassNames", "class_embeddings", "open_clip_class_embeddings"),
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

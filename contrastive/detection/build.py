@@ -4,9 +4,12 @@ An experiment with ``task: detection`` has these top-level sections (each a plai
 the constructor arguments of the class named, checked before anything runs):
 
 - ``data``: ``name`` = ``synthetic_scenes`` | ``coco`` (:mod:`datamodules.detection`);
-- ``model``: :class:`DetrDetector` sizes (backbone, d_model, layers, queries);
+- ``model``: :class:`DetrDetector` sizes (backbone, d_model, layers, queries); optional ``denoising``:
+  ``{groups, box_noise, label_noise}`` of :class:`~contrastive.detection.denoising.DenoisingQueries`;
 - ``head``: ``name`` = ``linear`` | ``category_query`` (:mod:`contrastive.detection.heads`); for
-  ``category_query``, ``init_embeddings`` may name a local ``.pt`` file of class-name text embeddings;
+  ``category_query``, ``init_embeddings`` initialises the category embeddings from class-name text
+  embeddings: a mapping ``{checkpoint, model_config, prompt}`` (a local open_clip checkpoint encoded by its
+  text tower, :class:`~contrastive.detection.text_init.OpenClipClassNames`) or a local ``.pt`` file;
 - ``category_sampler``: ``name`` = ``cq_topk`` | ``index_topk`` | ``random`` (category-query head only);
 - ``filters``: a list; ``category_hierarchy`` drops parents/children of ground-truth categories from the
   negatives (needs a hierarchy in the data);
@@ -17,10 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from pathlib import Path
 from typing import Any, Callable, Optional
-
-import torch
 
 from contrastive.config.errors import ConfigError
 from contrastive.config.loader import Provenance
@@ -28,11 +28,13 @@ from contrastive.config.schema import RunConfig, TrainerConfig
 from contrastive.config.validate import _check_dataclass, check_type, constructor_params
 from contrastive.detection.category_samplers import CATEGORY_SAMPLERS, CategoryHierarchyFilter
 from contrastive.detection.criterion import DetectionSetLoss
+from contrastive.detection.denoising import DenoisingQueries
 from contrastive.detection.detector import DetrDetector
 from contrastive.detection.evaluation import CocoEvaluator
 from contrastive.detection.heads import CLASSIFICATION_HEADS
 from contrastive.detection.matcher import HungarianMatcher
 from contrastive.detection.module import DetectionModule
+from contrastive.detection.text_init import OpenClipClassNames, class_embeddings
 
 DETECTION_FILTERS: dict[str, type] = {"category_hierarchy": CategoryHierarchyFilter}
 
@@ -56,7 +58,7 @@ def _registries() -> dict[str, dict[str, Callable]]:
 
 #: arguments filled at build time, never given in YAML
 FILLED = {"head": {"num_classes", "d_model", "parents", "sampler", "init_embeddings"}, "model": {"head"},
-          "filters": {"parents"}, "loss": {"matcher"}}
+          "filters": {"parents"}, "loss": {"matcher"}, "denoising": {"num_classes", "d_model"}}
 TOP_LEVEL = ("task", "experiment", "seed", "data", "model", "head", "category_sampler", "filters", "matcher", "loss",
              "optim", "trainer", "run")
 
@@ -89,6 +91,19 @@ def _named(value: Any, key: str, registry: dict[str, Callable], prov: Provenance
     return value["name"], value
 
 
+def _check_init_embeddings(value: Any, prov: Provenance) -> None:
+    key = "head.init_embeddings"
+    if isinstance(value, str):
+        return
+    if not isinstance(value, dict):
+        raise ConfigError(f"key '{key}' (from {prov.of(key)}) must be a .pt path or a mapping with keys "
+                          f"{', '.join(f.name for f in dataclasses.fields(OpenClipClassNames))}")
+    _check_dataclass(value, key, OpenClipClassNames, prov)
+    if "checkpoint" not in value:
+        raise ConfigError(f"missing required key '{key}.checkpoint' (section from {prov.of(key)})")
+    OpenClipClassNames(**value).check()
+
+
 def validate_detection(cfg: dict, prov: Optional[Provenance] = None) -> dict:
     """Check a detection experiment; returns it with string component specs expanded to mappings."""
     prov = prov or Provenance()
@@ -106,6 +121,8 @@ def validate_detection(cfg: dict, prov: Optional[Provenance] = None) -> dict:
         name, spec = _named(cfg[key], key, reg[key], prov)
         extra = {"init_embeddings"} if key == "head" and name == "category_query" else set()
         _check_kwargs(spec, key, reg[key][name], prov, FILLED.get(key, set()) - extra, extra)
+        if spec.get("init_embeddings") is not None:
+            _check_init_embeddings(spec["init_embeddings"], prov)
         out[key] = spec
     if out.get("category_sampler") and out["head"]["name"] != "category_query":
         raise ConfigError("key 'category_sampler' only applies to head 'category_query'; remove it or set "
@@ -119,12 +136,15 @@ def validate_detection(cfg: dict, prov: Optional[Provenance] = None) -> dict:
         _check_kwargs(spec, f"filters.{i}", reg["filters"][name], prov, FILLED["filters"])
         out["filters"].append(spec)
     _check_kwargs(cfg["model"], "model", DetrDetector, prov, FILLED["model"])
+    if cfg["model"].get("denoising") is not None:
+        _check_kwargs(cfg["model"]["denoising"], "model.denoising", DenoisingQueries, prov, FILLED["denoising"])
     for key, target in (("matcher", HungarianMatcher), ("loss", DetectionSetLoss)):
         if cfg.get(key) is not None:
             _check_kwargs(cfg[key], key, target, prov, FILLED.get(key, set()))
     for key, schema in (("optim", DetectionOptimConfig), ("trainer", TrainerConfig), ("run", RunConfig)):
         if cfg.get(key) is not None:
             _check_dataclass(cfg[key], key, schema, prov)
+    out["run"] = {"monitor": "val/mAP", **(cfg.get("run") or {})}  # the best checkpoint by validation mAP
     if cfg.get("seed") is not None:
         check_type(cfg["seed"], int, "seed", prov)
     return out
@@ -134,33 +154,12 @@ def _kwargs(spec: Optional[dict]) -> dict:
     return {k: v for k, v in (spec or {}).items() if k != "name"}
 
 
-def load_text_embeddings(path: str, names: list[str]) -> torch.Tensor:
-    """``(C, e)`` class-name embeddings from a local file saved with ``torch.save``: a tensor in category
-    order, or ``{"names": [...], "embeddings": (N, e)}`` matched by name (every category must be there)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"head.init_embeddings: file not found: {p}")
-    obj = torch.load(p, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict):
-        if "names" not in obj or "embeddings" not in obj:
-            raise ConfigError(f"{p}: expected a tensor or a dict with 'names' and 'embeddings'")
-        row = {n: i for i, n in enumerate(obj["names"])}
-        missing = [n for n in names if n not in row]
-        if missing:
-            raise ConfigError(f"{p}: no embedding for categories {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        return obj["embeddings"][[row[n] for n in names]].float()
-    if not isinstance(obj, torch.Tensor) or obj.ndim != 2 or obj.shape[0] != len(names):
-        raise ConfigError(f"{p}: expected a ({len(names)}, e) tensor of class-name embeddings")
-    return obj.float()
-
-
 def build_detection_datamodule(cfg: dict, seed: int = 0) -> Any:
     from datamodules.detection import build_detection_datamodule as build
 
     spec = dict(cfg["data"])
     name = spec.pop("name")
-    if name == "synthetic_scenes":
-        spec.setdefault("seed", seed)
+    spec.setdefault("seed", seed)
     return build(name, **spec)
 
 
@@ -174,13 +173,16 @@ def build_detection_module(cfg: dict, datamodule: Any) -> DetectionModule:
     if head_name == "category_query":
         init = head_spec.pop("init_embeddings", None)
         if init:
-            head_kwargs["init_embeddings"] = load_text_embeddings(init, datamodule.category_names)
+            head_kwargs["init_embeddings"] = class_embeddings(init, datamodule.category_names)
         if parents is not None and head_spec.get("relation", "auto") in ("auto", "tree"):
             head_kwargs["parents"] = parents
         sampler = cfg.get("category_sampler") or {"name": "cq_topk"}
         head_kwargs["sampler"] = CATEGORY_SAMPLERS[sampler["name"]](**_kwargs(sampler))
     head = CLASSIFICATION_HEADS[head_name](**head_kwargs, **head_spec)
-    detector = DetrDetector(head=head, **cfg["model"])
+    model_spec = dict(cfg["model"])
+    dn_spec = model_spec.pop("denoising", None)
+    denoising = DenoisingQueries(datamodule.num_classes, d_model, **dn_spec) if dn_spec is not None else None
+    detector = DetrDetector(head=head, denoising=denoising, **model_spec)
     criterion = DetectionSetLoss(HungarianMatcher(**(cfg.get("matcher") or {})), **(cfg.get("loss") or {}))
     filters = []
     for f in cfg.get("filters") or []:

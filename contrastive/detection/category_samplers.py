@@ -20,7 +20,7 @@ image, so that a "red circle" is not a negative for an object labelled "striped 
 from __future__ import annotations
 
 import abc
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -56,6 +56,13 @@ class CategorySampler(abc.ABC):
             k: categories per image (``k <= C``).
             embeddings: ``(C, e)`` current category embeddings (detached), for samplers that need them.
         """
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the sampler's choices exactly (tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
 
 
 class CQTopKSampler(CategorySampler):
@@ -115,6 +122,16 @@ class IndexTopKSampler(CategorySampler):
             rows.append(_fill(g.tolist() + near, order[b], k))
         return torch.tensor(rows, device=presence.device)
 
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"calls": self.calls, "refreshes": self.refreshes}
+        if self.table is not None:
+            state["table"] = self.table.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.calls, self.refreshes = int(state.get("calls", 0)), int(state.get("refreshes", 0))
+        self.table = state["table"].clone() if state.get("table") is not None else None
+
 
 class RandomCategorySampler(CategorySampler):
     """Ground-truth categories plus a uniform sample of the others (``generator`` for reproducibility)."""
@@ -130,6 +147,13 @@ class RandomCategorySampler(CategorySampler):
         c = presence.shape[1]
         rows = [_fill(g.tolist(), torch.randperm(c, generator=self.generator), k) for g in gt]
         return torch.tensor(rows, device=presence.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
 
 
 CATEGORY_SAMPLERS: dict[str, type] = {"cq_topk": CQTopKSampler, "index_topk": IndexTopKSampler,

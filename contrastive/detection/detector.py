@@ -9,6 +9,7 @@
 - Decoder with anchor-box queries (DAB-DETR): each layer's query position is an MLP of the sine embedding of
   its current reference box, and each layer refines the box in logit space (iterative refinement, the
   reference detached between layers).
+- Optional denoising queries (DN-DETR, Li et al. 2022; :mod:`contrastive.detection.denoising`) in training.
 
 The classification head (:mod:`contrastive.detection.heads`) is injected; it sees the encoder memory once
 (:meth:`ClassificationHead.prepare`) and scores the encoder proposals and every decoder layer.
@@ -16,7 +17,7 @@ The classification head (:mod:`contrastive.detection.heads`) is injected; it see
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import timm
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from contrastive.detection.criterion import StageOutput
+from contrastive.detection.denoising import DenoisingBatch, DenoisingQueries
 from contrastive.detection.heads import CategoryContext, ClassificationHead
 
 
@@ -78,9 +80,11 @@ class DecoderLayer(nn.Module):
         self.ffn = MLP(d, ff, d, 2)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor) -> Tensor:
+    def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor,
+                attn_mask: Optional[Tensor] = None) -> Tensor:
+        """``attn_mask`` ``(L, L)`` bool, ``True`` = query ``i`` may not attend to query ``j``."""
         q = tgt + query_pos
-        tgt = self.norm1(tgt + self.self_attn(q, q, tgt, need_weights=False)[0])
+        tgt = self.norm1(tgt + self.self_attn(q, q, tgt, attn_mask=attn_mask, need_weights=False)[0])
         tgt = self.norm2(tgt + self.cross_attn(tgt + query_pos, memory + memory_pos, memory, need_weights=False)[0])
         return self.norm3(tgt + self.ffn(tgt))
 
@@ -88,10 +92,13 @@ class DecoderLayer(nn.Module):
 @dataclass
 class DetectorOutput:
     """``stages``: encoder proposals first, then each decoder layer (the last is the prediction);
-    ``context``: the head's category slots."""
+    ``context``: the head's category slots; in training with denoising queries, ``denoising`` holds their
+    inputs and ``denoising_stages`` their prediction at each decoder layer."""
 
     stages: list[StageOutput]
     context: CategoryContext
+    denoising: Optional[DenoisingBatch] = None
+    denoising_stages: list[StageOutput] = field(default_factory=list)
 
     @property
     def final(self) -> StageOutput:
@@ -109,13 +116,16 @@ class DetrDetector(nn.Module):
         enc_layers, dec_layers: transformer depth.
         num_queries: object queries (capped at the number of feature tokens).
         anchor_size: initial width/height (fraction of the image) of the encoder tokens' anchor boxes.
+        denoising: denoising queries added in training (:mod:`contrastive.detection.denoising`), or ``None``.
     """
 
     def __init__(self, head: ClassificationHead, backbone: str = "resnet18", feature_level: int = 2,
                  d_model: int = 128, nheads: int = 4, dim_feedforward: int = 512, dropout: float = 0.0,
-                 enc_layers: int = 2, dec_layers: int = 3, num_queries: int = 30, anchor_size: float = 0.3) -> None:
+                 enc_layers: int = 2, dec_layers: int = 3, num_queries: int = 30, anchor_size: float = 0.3,
+                 denoising: Optional[DenoisingQueries] = None) -> None:
         super().__init__()
         self.head = head
+        self.denoising = denoising
         self.backbone = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(feature_level,))
         channels = self.backbone.feature_info.channels()[-1]
         self.input_proj = nn.Sequential(nn.Conv2d(channels, d_model, 1), nn.GroupNorm(32 if d_model % 32 == 0 else 1, d_model))
@@ -151,7 +161,9 @@ class DetrDetector(nn.Module):
             x = layer(x, pos[None])
         return x, pos, anchors
 
-    def forward(self, images: Tensor, gt_labels: Optional[Sequence[Tensor]] = None) -> DetectorOutput:
+    def forward(self, images: Tensor, gt_labels: Optional[Sequence[Tensor]] = None,
+                gt_boxes: Optional[Sequence[Tensor]] = None) -> DetectorOutput:
+        """``gt_labels``/``gt_boxes`` (training): the head's category selection and the denoising queries."""
         memory, pos, anchors = self.encode(images)
         ctx = self.head.prepare(memory, gt_labels)
         # two-stage proposals: a class score and a box per encoder token
@@ -163,11 +175,23 @@ class DetrDetector(nn.Module):
         top = enc_logits.max(-1).values.topk(q, dim=1).indices
         ref = torch.gather(enc_boxes, 1, top[..., None].expand(-1, -1, 4)).detach()
         tgt = self.query_content.weight[:q][None].expand(memory.shape[0], -1, -1)
+        dn, mask = None, None
+        if self.denoising is not None and self.training and gt_labels is not None and gt_boxes is not None:
+            dn = self.denoising(gt_labels, gt_boxes)
+            if dn.target.shape[1] == 0:  # no ground truth in the batch
+                dn = None
+            else:  # denoising queries first; the mask isolates them from the matching queries and each other
+                tgt, ref, mask = torch.cat([dn.content, tgt], 1), torch.cat([dn.boxes, ref], 1), dn.attention_mask(q)
+        n_dn = 0 if dn is None else dn.target.shape[1]
+        dn_stages: list[StageOutput] = []
         for layer, box_head in zip(self.decoder, self.box_heads):
             query_pos = self.ref_point_head(sine_embed(ref, self.d_model // 2))
-            tgt = layer(tgt, query_pos, memory, pos[None])
+            tgt = layer(tgt, query_pos, memory, pos[None], attn_mask=mask)
             h = self.dec_norm(tgt)
             boxes = (box_head(h) + inverse_sigmoid(ref)).sigmoid()
-            stages.append(StageOutput(self.head.logits(h, ctx), boxes))
+            logits = self.head.logits(h, ctx)
+            stages.append(StageOutput(logits[:, n_dn:], boxes[:, n_dn:]))
+            if dn is not None:
+                dn_stages.append(StageOutput(logits[:, :n_dn], boxes[:, :n_dn]))
             ref = boxes.detach()
-        return DetectorOutput(stages, ctx)
+        return DetectorOutput(stages, ctx, dn, dn_stages)

@@ -182,6 +182,8 @@ class CategoryQueryHead(ClassificationHead):
         super().__init__()
         if relation not in ("auto", "tree", "self_attention", "none"):
             raise ValueError(f"relation must be auto, tree, self_attention or none; got {relation!r}")
+        if num_selected < 1 or embed_dim < 1:
+            raise ValueError(f"num_selected and embed_dim must be >= 1; got {num_selected}, {embed_dim}")
         if relation == "tree" and parents is None:
             raise ValueError("relation='tree' needs a category hierarchy (parents)")
         self.num_classes, self.k, self.d_model = num_classes, min(num_selected, num_classes), d_model
@@ -221,6 +223,13 @@ class CategoryQueryHead(ClassificationHead):
             self.register_buffer("ancestors", ancestor_matrix(self.parents), persistent=False)
         else:
             self.ancestors = None
+
+    def get_extra_state(self) -> dict:
+        """The training category sampler's state (in the ``state_dict``, so checkpoints resume it)."""
+        return {"sampler": self.sampler.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.sampler.load_state_dict(state.get("sampler") or {})
 
     def category_queries(self) -> Tensor:
         """``(C, e)`` category queries after pre-processing and the relation module."""

@@ -18,6 +18,8 @@ from contrastive.filters import FilterChain, FilterContext, NegativeFilter
 from contrastive.filters.functional import rowwise_isin
 
 Batch = tuple[Tensor, list[dict[str, Tensor]]]
+#: checkpoint key of the training-time record (:meth:`DetectionModule.on_save_checkpoint`)
+TIMES_KEY = "detection_epoch_times"
 
 
 def negative_filter_mask(chain: FilterChain, categories: Tensor, labels: Sequence[Tensor],
@@ -61,23 +63,28 @@ class DetectionModule(L.LightningModule):
         self.last_metrics: dict[str, Any] = {}
         self.epoch_times: list[float] = []
         self._epoch_start = 0.0
+        self._carry: Optional[dict[str, Any]] = None
 
     def forward(self, images: Tensor, labels: Optional[Sequence[Tensor]] = None) -> DetectorOutput:
         return self.detector(images, labels)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = batch
-        labels = [t["labels"] for t in targets]
-        out = self.detector(images, labels)
+        labels, boxes = [t["labels"] for t in targets], [t["boxes"] for t in targets]
+        out = self.detector(images, labels, boxes)
         ctx = out.context
         slots = [ctx.slots_of(b, lab) for b, lab in enumerate(labels)]
         mask = None
         if len(self.chain):
             mask, removed = negative_filter_mask(self.chain, ctx.categories, labels, ctx.presence)
             self.log("train/filtered_fraction", removed, batch_size=len(targets))
-        losses = self.criterion(out.stages, [t["boxes"] for t in targets], slots, mask)
+        losses = self.criterion(out.stages, boxes, slots, mask)
         loss = losses["loss"]
         bs = len(targets)
+        if out.denoising is not None:
+            dn = self.criterion.denoising_loss(out.denoising_stages, out.denoising, boxes, slots, mask)
+            loss = loss + dn["loss"]
+            self.log("train/denoising_loss", dn["loss"].detach(), batch_size=bs)
         if ctx.loss is not None:
             loss = loss + ctx.loss
             self.log("train/presence_loss", ctx.loss.detach(), batch_size=bs)
@@ -127,12 +134,33 @@ class DetectionModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")
 
+    def on_train_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+        carry, self._carry = self._carry, None
+        if carry is None:
+            return
+        if self.trainer.current_epoch == carry["epoch"]:  # resumed mid-epoch: count the time before the save
+            self._epoch_start -= carry["elapsed_s"]
+        elif len(self.epoch_times) == carry["epoch"]:  # saved at the epoch's end, before its time was recorded
+            self.epoch_times.append(carry["elapsed_s"])
+
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self) -> None:
         self.epoch_times.append(time.perf_counter() - self._epoch_start)
         self.log("train/epoch_time_s", self.epoch_times[-1])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the epoch times (and the time spent in the current epoch) across a resume."""
+        checkpoint[TIMES_KEY] = {"epoch_times_s": list(self.epoch_times), "epoch": int(self.current_epoch),
+                                 "elapsed_s": time.perf_counter() - self._epoch_start}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(TIMES_KEY)
+        if saved is not None and self.trainer.state.fn == "fit":  # not when testing a (best) checkpoint
+            self.epoch_times = [float(t) for t in saved["epoch_times_s"]]
+            self._carry = {"epoch": int(saved["epoch"]), "elapsed_s": float(saved["elapsed_s"])}
 
     def configure_optimizers(self) -> Any:
         decay, no_decay = [], []

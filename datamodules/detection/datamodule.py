@@ -26,6 +26,7 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
+from contrastive.data.resumable import EpochTaggedBatchSampler, item_seed
 from datamodules.detection.coco import CocoSplit, read_coco, with_frequency
 from datamodules.detection.synthetic import SyntheticSpec, ensure_synthetic
 
@@ -52,11 +53,13 @@ def detection_transforms(image_size: int, train: bool, hflip: bool = True, scale
 class DetectionDataset(Dataset):
     """Images and boxes of one :class:`CocoSplit` passed through ``transform``.
 
-    With ``cache_images`` the decoded uint8 images are kept in memory after their first read.
+    With ``cache_images`` the decoded uint8 images are kept in memory after their first read. An item key is a
+    position, or an ``(epoch, position)`` pair (:class:`~contrastive.data.resumable.EpochTaggedBatchSampler`),
+    whose random augmentation is then drawn from a generator seeded by ``(seed, epoch, position)``.
     """
 
-    def __init__(self, split: CocoSplit, transform: v2.Compose, cache_images: bool = False) -> None:
-        self.split, self.transform, self.cache_images = split, transform, cache_images
+    def __init__(self, split: CocoSplit, transform: v2.Compose, cache_images: bool = False, seed: int = 0) -> None:
+        self.split, self.transform, self.cache_images, self.seed = split, transform, cache_images, int(seed)
         self._cache: dict[int, Tensor] = {}
 
     def __len__(self) -> int:
@@ -79,11 +82,18 @@ class DetectionDataset(Dataset):
             self._cache[i] = t
         return t
 
-    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict[str, Tensor]]:
+        epoch, i = key if isinstance(key, tuple) else (None, key)
         rec = self.split.images[i]
         image = tv_tensors.Image(self._image(i))
         boxes = tv_tensors.BoundingBoxes(torch.from_numpy(rec.boxes), format="XYXY", canvas_size=(rec.height, rec.width))
-        out = self.transform({"image": image, "boxes": boxes, "labels": torch.from_numpy(rec.labels)})
+        sample = {"image": image, "boxes": boxes, "labels": torch.from_numpy(rec.labels)}
+        if epoch is None:
+            out = self.transform(sample)
+        else:  # transforms.v2 draws from the global generator: fork it, seeded by (seed, epoch, position)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(item_seed(self.seed, epoch, i))
+                out = self.transform(sample)
         h, w = out["image"].shape[-2:]
         scale = torch.tensor([w, h, w, h], dtype=torch.float32)
         norm = box_convert(out["boxes"].as_subclass(Tensor).float() / scale, "xyxy", "cxcywh")
@@ -108,13 +118,16 @@ class CocoDetectionDataModule(L.LightningDataModule):
         hflip, scale_jitter: training augmentation (see :func:`detection_transforms`).
         missing_images: ``"skip"`` (count and skip images missing on disk) or ``"error"``.
         cache_images: keep decoded images in memory.
+        seed: seed of the training order and augmentation (a function of ``(seed, epoch)``, so that a
+            resumed run repeats the interrupted one; see :class:`EpochTaggedBatchSampler`).
     """
 
     def __init__(self, train_json: str, train_images: str, test_json: str, test_images: str,
                  val_json: Optional[str] = None, val_images: Optional[str] = None, image_size: int = 64,
                  batch_size: int = 16, num_workers: int = 0, hflip: bool = True, scale_jitter: float = 0.0,
-                 missing_images: Literal["skip", "error"] = "skip", cache_images: bool = True) -> None:
+                 missing_images: Literal["skip", "error"] = "skip", cache_images: bool = True, seed: int = 0) -> None:
         super().__init__()
+        self.seed = int(seed)
         self.paths = {"train": (train_json, train_images), "test": (test_json, test_images),
                       "val": (val_json or test_json, val_images or test_images)}
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
@@ -136,7 +149,7 @@ class CocoDetectionDataModule(L.LightningDataModule):
                     raise ValueError(f"{self.paths[name][0]}: categories differ from the training split's "
                                      f"({self.paths['train'][0]})")
                 tf = detection_transforms(self.image_size, name == "train", self.hflip, self.scale_jitter)
-                self.datasets[name] = DetectionDataset(split, tf, self.cache_images)
+                self.datasets[name] = DetectionDataset(split, tf, self.cache_images, self.seed)
 
     # ------------------------------------------------------------------ what the model and evaluation need
     @property
@@ -161,20 +174,25 @@ class CocoDetectionDataModule(L.LightningDataModule):
     def bad_input_report(self) -> dict[str, dict[str, int]]:
         return {name: s.report.as_dict() for name, s in self.splits.items()}
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+    def _loader(self, name: str) -> DataLoader:
         self.setup()
-        return DataLoader(self.datasets[name], batch_size=self.batch_size, shuffle=shuffle,
+        return DataLoader(self.datasets[name], batch_size=self.batch_size, shuffle=False,
                           num_workers=self.num_workers, collate_fn=collate_detection, drop_last=False,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+        """Shuffled per ``(seed, epoch)`` and resumable mid-epoch (:class:`EpochTaggedBatchSampler`)."""
+        self.setup()
+        batches = EpochTaggedBatchSampler(len(self.datasets["train"]), self.batch_size, seed=self.seed, drop_last=False)
+        return DataLoader(self.datasets["train"], batch_sampler=batches, num_workers=self.num_workers,
+                          collate_fn=collate_detection, generator=torch.Generator().manual_seed(self.seed),
+                          persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+        return self._loader("test")
 
 
 class SyntheticDetectionDataModule(CocoDetectionDataModule):
@@ -198,7 +216,7 @@ class SyntheticDetectionDataModule(CocoDetectionDataModule):
                          val_json=str(root / "val.json"), val_images=str(root / "images" / "val"),
                          test_json=str(root / "test.json"), test_images=str(root / "images" / "test"),
                          image_size=image_size, batch_size=batch_size, num_workers=num_workers, hflip=hflip,
-                         scale_jitter=scale_jitter, missing_images="error", cache_images=cache_images)
+                         scale_jitter=scale_jitter, missing_images="error", cache_images=cache_images, seed=seed)
 
 
 DETECTION_DATAMODULES: dict[str, type] = {"coco": CocoDetectionDataModule,
