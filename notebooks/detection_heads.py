@@ -29,7 +29,13 @@
 #
 # `CONTRASTIVE_NOTEBOOK_SCALE=smoke` (used by `tests/test_notebooks.py`) trains a few steps on a tiny
 # vocabulary; `full` uses the configs as they are at vocabularies 50, 200 and 800 with 3 seeds (36 runs of
-# up to about 20 minutes each on 2 CPU cores).
+# up to about 20 minutes each on 2 CPU cores, about 12 hours in all). The configs cap training at 17
+# minutes, which at 800 categories stops before the 12 epochs (30 training batches with a validation pass
+# took about twice as long at 800 as at 50 categories, 1.9x for the category-query head and 1.8x for the
+# linear one), so the 800-category rows compare heads at equal time rather than equal epochs; add
+# `trainer.max_time=null` to `SCALE_OVERRIDES` for equal epochs (longer). With
+# `CONTRASTIVE_NOTEBOOK_REUSE=1` finished runs are reused, so an interrupted table continues where it
+# stopped.
 
 # %% tags=["parameters"]
 import os
