@@ -72,7 +72,7 @@ if SCALE == "smoke":
               "trainer.enable_progress_bar=false"]
 else:
     BUDGET = ["trainer.max_epochs=100", f"trainer.max_steps={FULL_BATCHES}", "trainer.enable_progress_bar=false"]
-BUDGET += [f"run.output_dir={RUNS}", "optim.warmup_steps=10"]
+BUDGET += [f"run.output_dir={RUNS}", "optim.warmup_steps=10", "sampler=in_batch"]  # losses over in-batch negatives
 print("budget:", " ".join(BUDGET))
 
 # %% [markdown]

@@ -40,7 +40,7 @@ PINNED_MODEL = [
     "model.mask_known_duplicates=true",
 ]
 #: the pre-refactor values of settings whose defaults changed later (code-search recipe of issue 15)
-PINNED_RECIPE = ["optim.lr=0.001", "data.code_aware=false", "trainer.val_check_interval=1.0"]
+PINNED_RECIPE = ["optim.lr=0.001", "data.code_aware=false", "trainer.val_check_interval=1.0", "sampler=in_batch"]
 FIT_VARIANTS: dict[str, tuple[str, list[str]]] = {
     "infonce": ("configs/codesearch/infonce.yaml", ["loss.temperature=0.05"]),
     "faiss_hard_filtered_gradcache": ("configs/codesearch/infonce_filtered.yaml",
