@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXP = ROOT / "configs" / "codesearch" / "infonce.yaml"
 
 SAMPLERS = {
-    "in_batch": [],
+    "in_batch": ["sampler=in_batch"],
     "faiss_hard": ["sampler=faiss_hard", "sampler.refresh_every_n_steps=5", "callbacks.refresh.progress_bar=false"],
     "queue": ["sampler=queue", "sampler.size=40"],
     "ngame": ["sampler=ngame", "callbacks.refresh.progress_bar=false"],
@@ -104,9 +104,9 @@ def test_kill_mid_epoch_then_resume_is_bit_identical(sampler, cache, reference, 
 
 def test_kill_in_first_epoch_resumes_from_the_step_checkpoint(cache, reference, tmp_path):
     killed = tmp_path / "killed"
-    fit_killed(tiny(cache, killed), step=4)  # dies after step 4 (before its epoch-end checkpoint)
+    fit_killed([*tiny(cache, killed), *SAMPLERS["in_batch"]], step=4)  # dies after step 4 (before its epoch-end checkpoint)
     assert torch.load(run_dir(killed) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
-    assert main(["fit", str(EXP), *tiny(cache, killed), "--resume"]) == 0
+    assert main(["fit", str(EXP), *tiny(cache, killed), *SAMPLERS["in_batch"], "--resume"]) == 0
     (w_ref, _, rows_ref), (w_res, _, rows_res) = final_state(reference("in_batch")), final_state(run_dir(killed))
     assert all(torch.equal(w_ref[k], w_res[k]) for k in w_ref)
     assert rows_res == rows_ref
