@@ -59,10 +59,14 @@ def test_notebook_executes_at_smoke_scale(source, python3_kernel, tmp_path, monk
     nbformat.write(nb, str(tmp_path / f"{source.stem}.ipynb"))
     if source.stem == "sampler_ablation":
         summary = json.loads((out / "ablation.json").read_text())
-        assert [r["sampler"] for r in summary["rows"]] == ["in_batch", "bm25", "faiss_hard", "faiss_hard_filtered", "ngame"]
+        assert [r["sampler"] for r in summary["rows"]] == ["in_batch", "bm25", "faiss_hard", "faiss_hard_top",
+                                                           "faiss_hard_filtered", "ngame"]
         for r in summary["rows"]:
             assert 0.0 <= r["test"]["mrr"] <= 1.0
-        assert (out / "ablation.md").read_text().count("| faiss_hard_filtered |") == 2  # seeds table + seed-0 table
+        # seeds table, filtered-vs-unfiltered table, seed-0 table
+        assert (out / "ablation.md").read_text().count("| faiss_hard_filtered |") == 3
+        assert set(summary["filter_rows"]) == {"faiss_hard_top", "faiss_hard_filtered"}
+        assert 0.0 <= summary["filter_rows"]["faiss_hard_filtered"]["test_vs_baseline"]["p_value"] <= 1.0
         seed_rows = summary["seed_rows"]
         assert set(seed_rows) == {r["sampler"] for r in summary["rows"]} and summary["seeds"] == 2
         assert all(r["seeds"] == 2 and 0.0 <= r["test_vs_baseline"]["p_value"] <= 1.0
@@ -72,7 +76,8 @@ def test_notebook_executes_at_smoke_scale(source, python3_kernel, tmp_path, monk
         assert all(d["after"] == 0 for k, d in dups.items() if "faiss_hard_filtered" in k)
     if source.stem == "loss_ablation":
         rows = json.loads((out / "loss_ablation.json").read_text())["rows"]
-        assert set(rows) >= {"infonce", "dcl", "hcl", "soft_infonce_bm25", "cement", "slipform"}
+        assert set(rows) == {"infonce", "soft_infonce_bm25", "soft_infonce_simcse", "soft_infonce_frozen", "dcl", "hcl",
+                             "cement", "infonce_filtered"}
         assert all(0.0 <= r["mrr"][0] <= 1.0 and r["seeds"] == 2 for r in rows.values())
         assert all(0.0 <= r["test_vs_baseline"]["p_value"] <= 1.0 for k, r in rows.items() if k != "infonce")
         assert "| BM25 (baseline) |" in (out / "loss_ablation.md").read_text()
