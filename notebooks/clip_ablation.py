@@ -47,6 +47,8 @@ EXPERIMENTS = os.environ.get(
     "CONTRASTIVE_NOTEBOOK_EXPERIMENTS",
     "infonce,neg_captions_random,neg_captions_concreteness,neg_images,mined_filtered,cement").split(",")
 SEEDS = int(os.environ.get("CONTRASTIVE_NOTEBOOK_SEEDS", "2" if SCALE == "smoke" else "3"))
+# extra overrides for every run, space-separated (e.g. "model.architecture=clip-tiny-timm")
+OVERRIDES = os.environ.get("CONTRASTIVE_NOTEBOOK_OVERRIDES", "").split()
 
 # %%
 import json
@@ -69,7 +71,7 @@ RUNS.mkdir(parents=True, exist_ok=True)
 sys.path.insert(0, str(ROOT / "notebooks"))
 from _ablation import tested_table  # noqa: E402  (shared with the other ablation notebooks)
 
-BUDGET = ["data.scenes.seed=0", f"run.output_dir={RUNS}", "trainer.enable_progress_bar=false"]
+BUDGET = ["data.scenes.seed=0", f"run.output_dir={RUNS}", "trainer.enable_progress_bar=false", *OVERRIDES]
 if SCALE == "smoke":
     BUDGET += [f"data.cache_dir={RUNS / 'cache'}", "data.scenes.n_train=32", "data.scenes.n_valid=8",
                "data.scenes.n_test=12", "data.scenes.n_zeroshot=6", "data.batch_size=16", "data.eval_batch_size=64",
