@@ -59,10 +59,17 @@ def resolve_target(target: str) -> tuple[Path, Optional[Path]]:
     return p, None
 
 
-#: settings whose experiments say ``task: <name>``: their own config schema (checked by
-#: ``contrastive.<name>.build.validate_<name>``) and :class:`Job` subclass; without ``task`` an experiment
-#: is one of the registry-built settings (code search, clip)
-TASKS = ("detection",)
+#: settings whose experiments say ``task: <name>``: the validator of their own config schema and their
+#: :class:`Job` subclass, as ``"module:attribute"`` (imported on use); without ``task`` an experiment is one
+#: of the registry-built settings (code search, clip)
+TASKS: dict[str, tuple[str, str]] = {
+    "detection": ("contrastive.detection.build:validate_detection", "contrastive.detection.job:DetectionJob"),
+}
+
+
+def _task_object(spec: str) -> Any:
+    module, attr = spec.split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def load_config(path: Path, overrides: Sequence[str]) -> dict:
@@ -75,10 +82,8 @@ def load_config(path: Path, overrides: Sequence[str]) -> dict:
     task = data.get("task")
     if task is None:
         return check_experiment(data, prov)
-    if task == "detection":
-        from contrastive.detection.build import validate_detection
-
-        return validate_detection(data, prov)
+    if task in TASKS:
+        return _task_object(TASKS[task][0])(data, prov)
     raise ConfigError(f"key 'task' (from {prov.of('task')}): unknown task {task!r}; valid choices: "
                       f"{', '.join(TASKS)} (or no 'task' key)")
 
@@ -179,11 +184,8 @@ class Job:
 
 def make_job(cfg: dict, run_dir: Path) -> Job:
     """The :class:`Job` of ``cfg``'s setting (``task``, see :data:`TASKS`)."""
-    if cfg.get("task") == "detection":
-        from contrastive.detection.job import DetectionJob
-
-        return DetectionJob(cfg, run_dir)
-    return Job(cfg, run_dir)
+    task = cfg.get("task")
+    return (_task_object(TASKS[task][1]) if task is not None else Job)(cfg, run_dir)
 
 
 def _misconfiguration() -> type:
