@@ -75,7 +75,19 @@ if SCALE == "smoke":
 else:
     VOCABS, SEEDS = [50, 200, 800], [0, 1, 2]
     SCALE_OVERRIDES = []
-print(f"scale={SCALE}: vocabularies {VOCABS}, seeds {SEEDS}, runs in {OUT_DIR}")
+# A part of the table (e.g. the 800-category heads first; with REUSE the rest is added later):
+# CONTRASTIVE_NOTEBOOK_VOCABS=800 CONTRASTIVE_NOTEBOOK_ROWS=linear,cq_topk CONTRASTIVE_NOTEBOOK_SEEDS=3
+if os.environ.get("CONTRASTIVE_NOTEBOOK_VOCABS"):
+    VOCABS = [int(v) for v in os.environ["CONTRASTIVE_NOTEBOOK_VOCABS"].split(",")]
+if os.environ.get("CONTRASTIVE_NOTEBOOK_ROWS"):
+    wanted = os.environ["CONTRASTIVE_NOTEBOOK_ROWS"].split(",")
+    unknown = sorted(set(wanted) - set(ROWS))
+    if unknown:
+        raise ValueError(f"CONTRASTIVE_NOTEBOOK_ROWS: unknown rows {unknown}; known: {sorted(ROWS)}")
+    ROWS = {r: ROWS[r] for r in wanted}
+if os.environ.get("CONTRASTIVE_NOTEBOOK_SEEDS"):
+    SEEDS = list(range(int(os.environ["CONTRASTIVE_NOTEBOOK_SEEDS"])))
+print(f"scale={SCALE}: vocabularies {VOCABS}, rows {list(ROWS)}, seeds {SEEDS}, runs in {OUT_DIR}")
 
 # %% [markdown]
 # ## Training runs
@@ -126,7 +138,7 @@ print(table)
 # %%
 v = VOCABS[-1]
 fig, ax = plt.subplots(figsize=(6, 4))
-for row, marker in (("linear", "o"), ("cq_topk", "x")):
+for row, marker in ((r, m) for r, m in (("linear", "o"), ("cq_topk", "x")) if r in ROWS):
     xs, ys = [], []
     for s in SEEDS:
         for cat in results[(v, row, s)]["per_category"].values():
