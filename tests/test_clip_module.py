@@ -117,6 +117,36 @@ def test_negative_captions_carry_their_difficulty_and_need_image_anchors(tmp_pat
         next(iter(wrong.train_dataloader()))
 
 
+def test_several_weighted_negative_captions_per_image_reach_the_loss(tmp_path):
+    base = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path), batch_size=8, anchors="images",
+                          sampler=ConcretenessCaptionSampler())
+    base.setup("fit")
+    one = next(iter(base.train_dataloader()))
+    assert "neg_weight" not in one  # weight 1: no weights attached
+    dm = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path), batch_size=8, anchors="images",
+                        sampler=ConcretenessCaptionSampler(negatives_per_item=3, weight=2.5))
+    dm.setup("fit")
+    raw = next(iter(dm.train_dataloader()))
+    batch = clip_batch(raw)
+    neg = batch.negatives
+    assert neg is not None and len(neg) > len(one["neg_owner"]) and (torch.bincount(neg.owner) <= 3).all()
+    assert torch.equal(torch.unique(neg.owner), torch.unique(torch.as_tensor(one["neg_owner"])))
+    assert neg.weights is not None and torch.equal(neg.weights, torch.full((len(neg),), 2.5))
+    # the weight multiplies each negative's exp(s / t) in InfoNCE: 2.5 copies of every generated negative
+    torch.manual_seed(0)
+    module = ClipModule(InfoNCELoss(temperature=0.07, learnable_temperature=True, min_temperature=0.01))
+    loss_w, _ = module.contrastive_step(raw)
+    reps = torch.tensor([2, 3] * (len(neg) // 2) + [2] * (len(neg) % 2))  # each negative as 2 or 3 copies ...
+    copies = {k: torch.repeat_interleave(v, reps, dim=0) if k.startswith("neg_") else v for k, v in raw.items()}
+    copies["neg_weight"] = torch.repeat_interleave(2.5 / reps, reps)  # ... whose weights add up to 2.5
+    loss_c, _ = module.contrastive_step(copies)
+    assert torch.allclose(loss_w, loss_c, atol=1e-5)
+    with pytest.raises(ValueError, match="negatives_per_item"):
+        ConcretenessCaptionSampler(negatives_per_item=0)
+    with pytest.raises(ValueError, match="weight"):
+        ConcretenessCaptionSampler(weight=0.0)
+
+
 def test_random_word_sampler_is_a_different_control(tmp_path):
     from datamodules.clip.samplers import RandomWordCaptionSampler
 

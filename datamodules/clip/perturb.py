@@ -121,17 +121,17 @@ class CaptionPerturber:
         self.temperature = float(temperature)
 
     # ------------------------------------------------------------------------------ candidates
-    def _negative(self, positive: Caption, negative: Caption, category: str, edits: Sequence[WordEdit]) -> CaptionNegative:
+    def _negative(self, positive: str, negative: Caption, category: str, edits: Sequence[WordEdit]) -> CaptionNegative:
         removed = [w for e in edits for w in e.old]
         words = removed or [w for e in edits for w in e.new]
-        difficulty = float(np.mean([self.lexicon.normalised(w) for w in words]))
-        return CaptionNegative(negative.text(), positive.text(), category, tuple(edits), difficulty)
+        difficulty = sum(self.lexicon.normalised(w) for w in words) / len(words)
+        return CaptionNegative(negative.text(), positive, category, tuple(edits), float(difficulty))
 
     def candidates(self, caption: Caption | str, category: str, scene: Scene | None = None) -> list[CaptionNegative]:
         """Every negative of ``category`` for ``caption``; with ``scene``, only those false for it."""
         cap = parse_caption(caption) if isinstance(caption, str) else caption
         toks, slots = cap.tokens_and_slots()
-        out: list[CaptionNegative] = []
+        raw: list[tuple[Caption, str, list[WordEdit]]] = []  # (negative, category, edits)
 
         def replace_word(ci: int, role: str, field: str, np_: NounPhrase, values: Sequence[str], cat: str) -> None:
             cur = getattr(np_, field)
@@ -139,7 +139,7 @@ class CaptionPerturber:
             for v in values:
                 if v != cur:
                     neg = cap.with_phrase(ci, role, replace(np_, **{field: v}))
-                    out.append(self._negative(cap, neg, cat, [WordEdit(span.start, span.end, (cur,), (v,))]))
+                    raw.append((neg, cat, [WordEdit(span.start, span.end, (cur,), (v,))]))
 
         phrases = list(cap.noun_phrases())
         if category == "replace_obj":
@@ -158,8 +158,7 @@ class CaptionPerturber:
                 for rel in RELATIONS:
                     if rel != cl.relation:
                         neg = cap.with_clause(ci, replace(cl, relation=rel))
-                        out.append(self._negative(cap, neg, category,
-                                                  [_minimal(span.start, RELATIONS[cl.relation], RELATIONS[rel])]))
+                        raw.append((neg, category, [_minimal(span.start, RELATIONS[cl.relation], RELATIONS[rel])]))
         elif category in ("swap_obj", "swap_att"):
             fields = ("shape",) if category == "swap_obj" else tuple(ATTRIBUTE_VALUES)
             for (ci, ri, a), (cj, rj, b) in itertools.combinations(phrases, 2):
@@ -169,32 +168,33 @@ class CaptionPerturber:
                         continue
                     neg = cap.with_phrase(ci, ri, replace(a, **{field: vb})).with_phrase(cj, rj, replace(b, **{field: va}))
                     sa, sb = slots[(ci, ri, field)], slots[(cj, rj, field)]
-                    out.append(self._negative(cap, neg, category, [WordEdit(sa.start, sa.end, (va,), (vb,)),
-                                                                   WordEdit(sb.start, sb.end, (vb,), (va,))]))
+                    raw.append((neg, category, [WordEdit(sa.start, sa.end, (va,), (vb,)),
+                                                WordEdit(sb.start, sb.end, (vb,), (va,))]))
         elif category == "add_obj":
             for shape in SHAPES:
                 for colour in (None, *COLOURS):
                     np_ = NounPhrase(shape, colour)
                     neg = replace(cap, clauses=cap.clauses + (Clause(np_),))
                     new = (CONJUNCTION, ARTICLE, *([colour] if colour else []), shape)
-                    out.append(self._negative(cap, neg, category, [WordEdit(len(toks), len(toks), (), new)]))
+                    raw.append((neg, category, [WordEdit(len(toks), len(toks), (), new)]))
         elif category == "add_att":
             for ci, role, np_ in phrases:
                 start = slots[(ci, role, "np")].start
                 if np_.size is None:  # the size goes right after the article
                     for v in SIZES:
                         neg = cap.with_phrase(ci, role, replace(np_, size=v))
-                        out.append(self._negative(cap, neg, category, [WordEdit(start + 1, start + 1, (), (v,))]))
+                        raw.append((neg, category, [WordEdit(start + 1, start + 1, (), (v,))]))
                 if np_.colour is None:  # the colour goes right before the shape
                     at = slots[(ci, role, "shape")].start
                     for v in COLOURS:
                         neg = cap.with_phrase(ci, role, replace(np_, colour=v))
-                        out.append(self._negative(cap, neg, category, [WordEdit(at, at, (), (v,))]))
+                        raw.append((neg, category, [WordEdit(at, at, (), (v,))]))
         else:
             raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
-        if scene is not None:
-            out = [n for n in out if not caption_holds(n.text, scene)]
-        return out
+        if scene is not None:  # the truth is checked on the structure; only the kept negatives are rendered
+            raw = [r for r in raw if not caption_holds(r[0], scene)]
+        positive = cap.text()
+        return [self._negative(positive, neg, cat, edits) for neg, cat, edits in raw]
 
     # ------------------------------------------------------------------------------- sampling
     def _pick(self, cands: Sequence[CaptionNegative], rng: np.random.Generator) -> CaptionNegative:
@@ -208,13 +208,27 @@ class CaptionPerturber:
                 scene: Scene | None = None) -> CaptionNegative | None:
         """One negative: ``category`` if given, else a category drawn uniformly among those of
         :attr:`categories` that have a candidate for this caption; ``None`` when none has."""
-        cats = [category] if category is not None else [self.categories[int(i)]
-                                                          for i in rng.permutation(len(self.categories))]
-        for cat in cats:  # the first usable category of a random order: uniform over the usable ones
-            cands = self.candidates(caption, cat, scene)
+        if category is not None:
+            cands = self.candidates(caption, category, scene)
+            return self._pick(cands, rng) if cands else None
+        got = self.perturb_many(caption, rng, 1, scene)
+        return got[0] if got else None
+
+    def perturb_many(self, caption: Caption | str, rng: np.random.Generator, k: int,
+                     scene: Scene | None = None) -> list[CaptionNegative]:
+        """Up to ``k`` negatives of distinct categories: the first ``k`` categories of a uniformly random
+        order of :attr:`categories` that have a candidate for this caption, one negative each (fewer when
+        fewer categories apply). ``k = 1`` draws exactly as :meth:`perturb`."""
+        if k < 1:
+            raise ValueError(f"k must be a positive integer; got {k}")
+        out: list[CaptionNegative] = []
+        for i in rng.permutation(len(self.categories)):  # the usable categories in a uniform random order
+            cands = self.candidates(caption, self.categories[int(i)], scene)
             if cands:
-                return self._pick(cands, rng)
-        return None
+                out.append(self._pick(cands, rng))
+                if len(out) == k:
+                    break
+        return out
 
 
 class RandomWordPerturber:
@@ -249,6 +263,19 @@ class RandomWordPerturber:
             return CaptionNegative(text, caption, RANDOM_CATEGORY, (WordEdit(i, i + 1, (toks[i],), (new,)),),
                                    self.lexicon.normalised(toks[i]))
         return None
+
+    def perturb_many(self, caption: str, rng: np.random.Generator, k: int,
+                     scene: Scene | None = None) -> list[CaptionNegative]:
+        """Up to ``k`` distinct negatives from ``k`` draws of :meth:`perturb` (duplicates dropped); ``k = 1``
+        draws exactly as :meth:`perturb`."""
+        if k < 1:
+            raise ValueError(f"k must be a positive integer; got {k}")
+        out: dict[str, CaptionNegative] = {}
+        for _ in range(k):
+            neg = self.perturb(caption, rng, scene=scene)
+            if neg is not None:
+                out.setdefault(neg.text, neg)
+        return list(out.values())
 
 
 # ------------------------------------------------------------------------------------- image negatives
@@ -297,14 +324,26 @@ def perturb_scene(scene: Scene, rng: np.random.Generator, kinds: Sequence[str] =
     """A scene with one attribute or relation changed (kind uniform among ``kinds`` that apply, then an
     edit uniform within it). With ``caption`` (true for ``scene``), only scenes for which it is false:
     a text->image hard negative. ``None`` when no edit qualifies."""
+    got = perturb_scene_many(scene, rng, 1, kinds, caption)
+    return got[0] if got else None
+
+
+def perturb_scene_many(scene: Scene, rng: np.random.Generator, k: int, kinds: Sequence[str] = IMAGE_EDITS,
+                       caption: Caption | str | None = None) -> list[tuple[Scene, SceneEdit]]:
+    """Up to ``k`` edited scenes of distinct kinds (each kind drawn uniformly among the applicable ones
+    not drawn yet, then an edit uniform within it), as :func:`perturb_scene`; ``k = 1`` draws exactly as
+    :func:`perturb_scene`."""
+    if k < 1:
+        raise ValueError(f"k must be a positive integer; got {k}")
     by_kind = {}
-    for k in kinds:
-        cands = scene_edits(scene, k)
+    for kind in kinds:
+        cands = scene_edits(scene, kind)
         if caption is not None:
             cands = [c for c in cands if not caption_holds(caption, c[0])]
         if cands:
-            by_kind[k] = cands
-    if not by_kind:
-        return None
-    cands = by_kind[list(by_kind)[int(rng.integers(len(by_kind)))]]
-    return cands[int(rng.integers(len(cands)))]
+            by_kind[kind] = cands
+    out: list[tuple[Scene, SceneEdit]] = []
+    while by_kind and len(out) < k:
+        cands = by_kind.pop(list(by_kind)[int(rng.integers(len(by_kind)))])
+        out.append(cands[int(rng.integers(len(cands)))])
+    return out
