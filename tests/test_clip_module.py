@@ -209,3 +209,26 @@ def test_the_scene_seed_fixes_the_corpus_and_compositional_items_across_run_seed
     base = data(0)
     assert data(1, scene_seed=0) == base
     assert data(1) != base  # by default the run seed draws the scenes
+
+
+def test_every_clip_row_shares_one_budget_and_optimiser():
+    """The rows of the clip ablation differ only in where negatives come from and the loss (and the anchor
+    side those need): data, model, optimiser, trainer and seed are one setting."""
+    from pathlib import Path
+
+    from contrastive.cli import load_config
+
+    rows = sorted((Path(__file__).resolve().parents[1] / "configs" / "clip").glob("*.yaml"))
+    assert len(rows) >= 6
+    cfgs = {p.stem: load_config(p, []) for p in rows}
+    base = cfgs["infonce"]
+
+    def shared(cfg: dict) -> dict:
+        data = {k: v for k, v in cfg["data"].items() if k != "anchors"}
+        model = {k: v for k, v in cfg["model"].items() if k != "difficulty"}  # the Cement margin's input
+        return {"data": data, "model": model, "optim": cfg["optim"], "trainer": cfg["trainer"], "seed": cfg["seed"]}
+
+    for name, cfg in cfgs.items():
+        assert shared(cfg) == shared(base), name
+    assert {cfg["sampler"]["name"] for cfg in cfgs.values()} >= {"in_batch", "neg_captions_concreteness",
+                                                                 "neg_captions_random", "neg_images"}
