@@ -393,7 +393,11 @@ class ClipDataModule(L.LightningDataModule):
             if self.source != "scenes":
                 raise ValueError(f"clip: sampler {type(self.sampler).__name__} generates scene negatives; it needs "
                                  "source: scenes")
-            gen = SceneNegativeGenerator(self.corpus["train"], self.tokenizer, self.transform, seed=self.seed)
+            seen = None
+            if getattr(self.sampler, "seen_combinations_only", False):  # the combinations of training positives
+                seen = {(o.colour, o.shape) for scene in self.corpus["train"].scenes for o in scene.objects}
+            gen = SceneNegativeGenerator(self.corpus["train"], self.tokenizer, self.transform, seed=self.seed,
+                                         combos=seen)
             self.sampler.bind(SceneNegativeSource(gen, items, self.anchors))
         records = items.images.records
         ids = torch.tensor([r.image_id for r in records], dtype=torch.long)

@@ -17,7 +17,7 @@ negative get none (or fewer), so ``K <= per_item * B``. Everything is drawn from
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from datamodules.clip.perturb import IMAGE_EDITS, CaptionPerturber, RandomWordPerturber, perturb_scene_many
-from datamodules.clip.scenes import SceneSplit, render_scene
+from datamodules.clip.scenes import Combo, SceneSplit, render_scene
 
 
 @dataclass
@@ -67,14 +67,19 @@ class SceneNegativeGenerator:
         perturber: text-negative engine (``None``: the concreteness-guided :class:`CaptionPerturber`).
         image_kinds: scene edits drawn for image negatives.
         seed: base seed.
+        combos: the (colour, shape) combinations negatives may name or show (those of the training
+            positives; :mod:`datamodules.clip.perturb`); ``None``: any. Used by the default perturber and
+            the image edits.
     """
 
     def __init__(self, split: SceneSplit, tokenizer: Callable[[list[str]], Tensor],
                  transform: Callable[[Image.Image], Tensor],
                  perturber: CaptionPerturber | RandomWordPerturber | None = None,
-                 image_kinds: Sequence[str] = IMAGE_EDITS, seed: int = 0) -> None:
+                 image_kinds: Sequence[str] = IMAGE_EDITS, seed: int = 0,
+                 combos: Collection[Combo] | None = None) -> None:
         self.split, self.tokenizer, self.transform = split, tokenizer, transform
-        self.perturber = perturber or CaptionPerturber()
+        self.combos = None if combos is None else frozenset(combos)
+        self.perturber = perturber or CaptionPerturber(combos=self.combos)
         self.image_kinds = tuple(image_kinds)
         self.seed = seed
         self.image_size = int(split.images.shape[1]) if len(split) else 64
@@ -101,7 +106,7 @@ class SceneNegativeGenerator:
         pixels, owner, kinds = [], [], []
         for row, (i, cap) in enumerate(zip((int(x) for x in scene_ids), captions)):
             for scene, edit in perturb_scene_many(self.split.scenes[i], self._rng(step, i, 1), per_item,
-                                                  self.image_kinds, caption=cap):
+                                                  self.image_kinds, caption=cap, combos=self.combos):
                 pixels.append(self.transform(Image.fromarray(render_scene(scene, self.image_size))))
                 owner.append(row), kinds.append(edit.kind)
         stacked = torch.stack(pixels) if pixels else torch.zeros(0, 3, self.image_size, self.image_size)

@@ -28,11 +28,14 @@ class SceneNegativeSampler(NegativeSampler):
     Args:
         negatives_per_item: generated negatives per training row at most (distinct categories / edit kinds).
         weight: loss weight of every generated negative (1: unweighted; no weights are attached).
+        seen_combinations_only: negatives name or show only (colour, shape) combinations that occur in the
+            training positives (:mod:`datamodules.clip.perturb`: otherwise an unseen combination marks a
+            negative by itself, and the held-out combinations of the test scenes are learnt as false).
     """
 
     kind: str = "captions"
 
-    def __init__(self, negatives_per_item: int = 1, weight: float = 1.0) -> None:
+    def __init__(self, negatives_per_item: int = 1, weight: float = 1.0, seen_combinations_only: bool = True) -> None:
         super().__init__(num_negatives=0)
         if isinstance(negatives_per_item, bool) or not isinstance(negatives_per_item, int) or negatives_per_item < 1:
             raise ValueError(f"{type(self).__name__}: negatives_per_item must be a positive integer; got "
@@ -40,6 +43,7 @@ class SceneNegativeSampler(NegativeSampler):
         if not float(weight) > 0:
             raise ValueError(f"{type(self).__name__}: weight must be positive; got {weight!r}")
         self.negatives_per_item, self.weight = int(negatives_per_item), float(weight)
+        self.seen_combinations_only = bool(seen_combinations_only)
         self.source: Optional[Any] = None
 
     def bind(self, source: Any) -> None:
@@ -73,7 +77,7 @@ class RandomWordCaptionSampler(SceneNegativeSampler):
     kind = "captions"
 
     def bind(self, source: Any) -> None:
-        source.generator.perturber = RandomWordPerturber()
+        source.generator.perturber = RandomWordPerturber(combos=source.generator.combos)
         super().bind(source)
 
 
