@@ -232,3 +232,25 @@ def test_every_clip_row_shares_one_budget_and_optimiser():
         assert shared(cfg) == shared(base), name
     assert {cfg["sampler"]["name"] for cfg in cfgs.values()} >= {"in_batch", "neg_captions_concreteness",
                                                                  "neg_captions_random", "neg_images"}
+
+
+@pytest.mark.parametrize("seen_only", [True, False])
+def test_generated_negatives_avoid_held_out_combinations(tmp_path, seen_only):
+    """By default a negative caption never names a (colour, shape) that no training positive has (the
+    held-out combinations of the test scenes); the switch turns the restriction off."""
+    from datamodules.clip.grammar import CaptionParseError, parse_caption
+
+    dm = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path), batch_size=8, anchors="images",
+                        sampler=ConcretenessCaptionSampler(negatives_per_item=7, seen_combinations_only=seen_only))
+    dm.setup("fit")
+    held = dm.corpus.held_out
+    named = 0
+    for _, raw in zip(range(3), dm.train_dataloader()):
+        for ids in raw["neg_ids"]:
+            text = dm.tokenizer.decode([int(i) for i in ids if i > 0][1:-1]).strip()  # without start/end tokens
+            try:
+                cap = parse_caption(text)
+            except CaptionParseError:
+                continue
+            named += sum((np_.colour, np_.shape) in held for _, _, np_ in cap.noun_phrases())
+    assert (named == 0) is seen_only

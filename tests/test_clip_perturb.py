@@ -217,3 +217,32 @@ def test_perturb_scene_many_distinct_kinds_and_k1_is_perturb_scene():
         assert all(not caption_holds(caps[0], s) for s, _ in got)
         one = perturb_scene(scene, np.random.default_rng(2), caption=caps[0])
         assert perturb_scene_many(scene, np.random.default_rng(2), 1, caption=caps[0]) == ([one] if one else [])
+
+
+def test_negatives_restricted_to_seen_combinations():
+    """With ``combos``, no negative names or shows a (colour, shape) outside them, and the restriction only
+    removes candidates."""
+    from datamodules.clip.perturb import names_only, shows_only
+
+    seen = frozenset((o.colour, o.shape) for s in CORPUS["train"].scenes for o in s.objects)
+    assert 0 < len(seen) < 30  # the held-out combinations never occur in training scenes
+    free, kept = CaptionPerturber(), CaptionPerturber(combos=seen)
+    removed = 0
+    for scene, caps in zip(CORPUS["train"].scenes[:20], CORPUS["train"].captions):
+        for cat in CATEGORIES:
+            a = {n.text for n in free.candidates(caps[0], cat, scene)}
+            b = {n.text for n in kept.candidates(caps[0], cat, scene)}
+            assert b <= a and all(names_only(parse_caption(t), seen) for t in b)
+            assert all(names_only(parse_caption(t), seen) for t in a - b) is (a == b)
+            removed += len(a - b)
+        for s, _ in perturb_scene_many(scene, np.random.default_rng(0), len(IMAGE_EDITS), caption=caps[0], combos=seen):
+            assert shows_only(s, seen)
+    assert removed > 0
+    r = RandomWordPerturber(combos=seen)
+    rng = np.random.default_rng(0)
+    for scene, caps in zip(CORPUS["train"].scenes[:20], CORPUS["train"].captions):
+        neg = r.perturb(caps[0], rng, scene)
+        try:
+            assert names_only(parse_caption(neg.text), seen)
+        except CaptionParseError:
+            pass
