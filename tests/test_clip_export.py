@@ -119,5 +119,7 @@ def test_a_users_open_clip_checkpoint_fine_tunes_here(tmp_path):
     moved = {k for k in init if not torch.equal(trained[k], init[k])}
     assert moved, "no weight changed: the training step did not run"
     # one AdamW step of lr 1e-4 moves each weight by about 1e-4: the run started from the user's weights
-    assert max(float((trained[k] - init[k]).abs().max()) for k in init) < 1e-3
+    # (parameters only: the CNN tower's batch-norm statistics move with every training forward pass)
+    params = {k for k, _ in user.named_parameters()}
+    assert max(float((trained[k] - init[k]).abs().max()) for k in params) < 1e-3
     assert float(trained["logit_scale"]) == pytest.approx(3.0, abs=1e-3)
