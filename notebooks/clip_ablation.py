@@ -47,7 +47,7 @@ EXPERIMENTS = os.environ.get(
     "CONTRASTIVE_NOTEBOOK_EXPERIMENTS",
     "infonce,neg_captions_random,neg_captions_concreteness,neg_images,mined_filtered,cement").split(",")
 SEEDS = int(os.environ.get("CONTRASTIVE_NOTEBOOK_SEEDS", "2" if SCALE == "smoke" else "3"))
-# extra overrides for every run, space-separated (e.g. "model.architecture=clip-tiny-timm")
+# extra overrides for every run, space-separated (e.g. "trainer.max_epochs=8")
 OVERRIDES = os.environ.get("CONTRASTIVE_NOTEBOOK_OVERRIDES", "").split()
 
 # %%

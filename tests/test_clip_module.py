@@ -117,6 +117,36 @@ def test_negative_captions_carry_their_difficulty_and_need_image_anchors(tmp_pat
         next(iter(wrong.train_dataloader()))
 
 
+def test_several_weighted_negative_captions_per_image_reach_the_loss(tmp_path):
+    base = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path), batch_size=8, anchors="images",
+                          sampler=ConcretenessCaptionSampler())
+    base.setup("fit")
+    one = next(iter(base.train_dataloader()))
+    assert "neg_weight" not in one  # weight 1: no weights attached
+    dm = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path), batch_size=8, anchors="images",
+                        sampler=ConcretenessCaptionSampler(negatives_per_item=3, weight=2.5))
+    dm.setup("fit")
+    raw = next(iter(dm.train_dataloader()))
+    batch = clip_batch(raw)
+    neg = batch.negatives
+    assert neg is not None and len(neg) > len(one["neg_owner"]) and (torch.bincount(neg.owner) <= 3).all()
+    assert torch.equal(torch.unique(neg.owner), torch.unique(torch.as_tensor(one["neg_owner"])))
+    assert neg.weights is not None and torch.equal(neg.weights, torch.full((len(neg),), 2.5))
+    # the weight multiplies each negative's exp(s / t) in InfoNCE: 2.5 copies of every generated negative
+    torch.manual_seed(0)
+    module = ClipModule(InfoNCELoss(temperature=0.07, learnable_temperature=True, min_temperature=0.01))
+    loss_w, _ = module.contrastive_step(raw)
+    reps = torch.tensor([2, 3] * (len(neg) // 2) + [2] * (len(neg) % 2))  # each negative as 2 or 3 copies ...
+    copies = {k: torch.repeat_interleave(v, reps, dim=0) if k.startswith("neg_") else v for k, v in raw.items()}
+    copies["neg_weight"] = torch.repeat_interleave(2.5 / reps, reps)  # ... whose weights add up to 2.5
+    loss_c, _ = module.contrastive_step(copies)
+    assert torch.allclose(loss_w, loss_c, atol=1e-5)
+    with pytest.raises(ValueError, match="negatives_per_item"):
+        ConcretenessCaptionSampler(negatives_per_item=0)
+    with pytest.raises(ValueError, match="weight"):
+        ConcretenessCaptionSampler(weight=0.0)
+
+
 def test_random_word_sampler_is_a_different_control(tmp_path):
     from datamodules.clip.samplers import RandomWordCaptionSampler
 
@@ -179,3 +209,48 @@ def test_the_scene_seed_fixes_the_corpus_and_compositional_items_across_run_seed
     base = data(0)
     assert data(1, scene_seed=0) == base
     assert data(1) != base  # by default the run seed draws the scenes
+
+
+def test_every_clip_row_shares_one_budget_and_optimiser():
+    """The rows of the clip ablation differ only in where negatives come from and the loss (and the anchor
+    side those need): data, model, optimiser, trainer and seed are one setting."""
+    from pathlib import Path
+
+    from contrastive.cli import load_config
+
+    rows = sorted((Path(__file__).resolve().parents[1] / "configs" / "clip").glob("*.yaml"))
+    assert len(rows) >= 6
+    cfgs = {p.stem: load_config(p, []) for p in rows}
+    base = cfgs["infonce"]
+
+    def shared(cfg: dict) -> dict:
+        data = {k: v for k, v in cfg["data"].items() if k != "anchors"}
+        model = {k: v for k, v in cfg["model"].items() if k != "difficulty"}  # the Cement margin's input
+        return {"data": data, "model": model, "optim": cfg["optim"], "trainer": cfg["trainer"], "seed": cfg["seed"]}
+
+    for name, cfg in cfgs.items():
+        assert shared(cfg) == shared(base), name
+    assert {cfg["sampler"]["name"] for cfg in cfgs.values()} >= {"in_batch", "neg_captions_concreteness",
+                                                                 "neg_captions_random", "neg_images"}
+
+
+@pytest.mark.parametrize("seen_only", [True, False])
+def test_generated_negatives_avoid_held_out_combinations(tmp_path, seen_only):
+    """By default a negative caption never names a (colour, shape) that no training positive has (the
+    held-out combinations of the test scenes); the switch turns the restriction off."""
+    from datamodules.clip.grammar import CaptionParseError, parse_caption
+
+    dm = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path), batch_size=8, anchors="images",
+                        sampler=ConcretenessCaptionSampler(negatives_per_item=7, seen_combinations_only=seen_only))
+    dm.setup("fit")
+    held = dm.corpus.held_out
+    named = 0
+    for _, raw in zip(range(3), dm.train_dataloader()):
+        for ids in raw["neg_ids"]:
+            text = dm.tokenizer.decode([int(i) for i in ids if i > 0][1:-1]).strip()  # without start/end tokens
+            try:
+                cap = parse_caption(text)
+            except CaptionParseError:
+                continue
+            named += sum((np_.colour, np_.shape) in held for _, _, np_ in cap.noun_phrases())
+    assert (named == 0) is seen_only

@@ -68,3 +68,27 @@ def test_items_without_a_negative_are_left_out():
     ctrl = SceneNegativeGenerator(SPLIT, tokenize, TRANSFORM, perturber=RandomWordPerturber())
     out = ctrl.text_negatives([1, 2], [SPLIT.captions[1][0], SPLIT.captions[2][0]])
     assert out.kinds == ["random_word", "random_word"]
+
+
+def test_several_negatives_per_item_grouped_by_owner():
+    gen = SceneNegativeGenerator(SPLIT, tokenize, TRANSFORM, seed=0)
+    scene_ids = [3, 0, 7]
+    caps = [SPLIT.captions[i][0] for i in scene_ids]
+    one = gen.text_negatives(scene_ids, caps, step=2)
+    many = gen.text_negatives(scene_ids, caps, step=2, per_item=4)
+    counts = torch.bincount(many.owner, minlength=3)
+    assert (counts >= 1).all() and (counts <= 4).all() and len(many) > len(one)
+    assert many.owner.tolist() == sorted(many.owner.tolist()) and many.difficulty.shape == (len(many),)
+    for row in range(3):  # distinct categories per item, each false for its scene
+        kinds = [c for c, o in zip(many.kinds, many.owner.tolist()) if o == row]
+        assert len(kinds) == len(set(kinds))
+    negs = detokenize(many.inputs["ids"])
+    assert all(not caption_holds(n, SPLIT.scenes[scene_ids[int(o)]]) for n, o in zip(negs, many.owner))
+    # the first negative of each item is the one-per-item draw
+    first = [negs[int(torch.nonzero(many.owner == r)[0])] for r in range(3)]
+    assert first == detokenize(one.inputs["ids"])
+    img = gen.image_negatives(scene_ids, caps, step=2, per_item=3)
+    assert img.inputs["pixels"].shape[0] == len(img) > 3 and (torch.bincount(img.owner, minlength=3) <= 3).all()
+    for row in range(3):
+        kinds = [k for k, o in zip(img.kinds, img.owner.tolist()) if o == row]
+        assert len(kinds) == len(set(kinds))

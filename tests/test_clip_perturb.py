@@ -10,7 +10,8 @@ import pytest
 from datamodules.clip.grammar import Caption, CaptionParseError, caption_holds, parse_caption
 from datamodules.clip.lexicon import BUILTIN_RATINGS, ConcretenessLexicon, LexiconError
 from datamodules.clip.perturb import (
-    CATEGORIES, IMAGE_EDITS, CaptionPerturber, RandomWordPerturber, WordEdit, apply_edits, perturb_scene, scene_edits,
+    CATEGORIES, IMAGE_EDITS, CaptionPerturber, RandomWordPerturber, WordEdit, apply_edits, perturb_scene,
+    perturb_scene_many, scene_edits,
 )
 from datamodules.clip.scenes import Scene, SceneObject, SceneSettings, build_scene_corpus, render_scene
 
@@ -123,6 +124,26 @@ def test_perturb_chooses_among_usable_categories_and_none():
         CaptionPerturber(categories=("swap_verbs",))
 
 
+def test_perturb_many_gives_distinct_usable_categories_and_k1_is_perturb():
+    p = CaptionPerturber()
+    for scene, caps in zip(CORPUS["train"].scenes[:20], CORPUS["train"].captions):
+        usable = {c for c in CATEGORIES if p.candidates(caps[0], c, scene)}
+        for k in (1, 3, len(CATEGORIES)):
+            negs = p.perturb_many(caps[0], np.random.default_rng(k), k, scene=scene)
+            cats = [n.category for n in negs]
+            assert len(cats) == len(set(cats)) == min(k, len(usable)) and set(cats) <= usable
+            for n in negs:
+                assert not caption_holds(n.text, scene) and classify(parse_caption(caps[0]), parse_caption(n.text)) == n.category
+        # k = 1 is exactly perturb's draw (the compositional test items depend on it)
+        assert p.perturb_many(caps[0], np.random.default_rng(7), 1, scene=scene) == [p.perturb(caps[0], np.random.default_rng(7), scene=scene)]
+    text = CORPUS["train"].captions[0][0]
+    r = RandomWordPerturber().perturb_many(text, np.random.default_rng(0), 5, scene=CORPUS["train"].scenes[0])
+    assert 1 <= len(r) <= 5 and len({n.text for n in r}) == len(r)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="k must be"):
+            p.perturb_many(text, np.random.default_rng(0), bad)
+
+
 def test_random_word_control():
     r = RandomWordPerturber()
     rng = np.random.default_rng(0)
@@ -186,3 +207,42 @@ def test_image_negatives():
             else:
                 i, j = changed
                 assert (new.objects[i].row, new.objects[i].col) == (scene.objects[j].row, scene.objects[j].col)
+
+
+def test_perturb_scene_many_distinct_kinds_and_k1_is_perturb_scene():
+    for scene, caps in zip(CORPUS["train"].scenes[:15], CORPUS["train"].captions):
+        kinds = {k for k in IMAGE_EDITS if any(not caption_holds(caps[0], s) for s, _ in scene_edits(scene, k))}
+        got = perturb_scene_many(scene, np.random.default_rng(1), len(IMAGE_EDITS), caption=caps[0])
+        assert sorted(e.kind for _, e in got) == sorted(kinds)
+        assert all(not caption_holds(caps[0], s) for s, _ in got)
+        one = perturb_scene(scene, np.random.default_rng(2), caption=caps[0])
+        assert perturb_scene_many(scene, np.random.default_rng(2), 1, caption=caps[0]) == ([one] if one else [])
+
+
+def test_negatives_restricted_to_seen_combinations():
+    """With ``combos``, no negative names or shows a (colour, shape) outside them, and the restriction only
+    removes candidates."""
+    from datamodules.clip.perturb import names_only, shows_only
+
+    seen = frozenset((o.colour, o.shape) for s in CORPUS["train"].scenes for o in s.objects)
+    assert 0 < len(seen) < 30  # the held-out combinations never occur in training scenes
+    free, kept = CaptionPerturber(), CaptionPerturber(combos=seen)
+    removed = 0
+    for scene, caps in zip(CORPUS["train"].scenes[:20], CORPUS["train"].captions):
+        for cat in CATEGORIES:
+            a = {n.text for n in free.candidates(caps[0], cat, scene)}
+            b = {n.text for n in kept.candidates(caps[0], cat, scene)}
+            assert b <= a and all(names_only(parse_caption(t), seen) for t in b)
+            assert all(names_only(parse_caption(t), seen) for t in a - b) is (a == b)
+            removed += len(a - b)
+        for s, _ in perturb_scene_many(scene, np.random.default_rng(0), len(IMAGE_EDITS), caption=caps[0], combos=seen):
+            assert shows_only(s, seen)
+    assert removed > 0
+    r = RandomWordPerturber(combos=seen)
+    rng = np.random.default_rng(0)
+    for scene, caps in zip(CORPUS["train"].scenes[:20], CORPUS["train"].captions):
+        neg = r.perturb(caps[0], rng, scene)
+        try:
+            assert names_only(parse_caption(neg.text), seen)
+        except CaptionParseError:
+            pass

@@ -151,7 +151,9 @@ class SceneNegativeSource:
     def __init__(self, generator: SceneNegativeGenerator, items: ClipTrainItems, anchors: str) -> None:
         self.generator, self.items, self.anchors = generator, items, anchors
 
-    def negatives(self, rows: Tensor, kind: str, step: int) -> SamplerGenerated:
+    def negatives(self, rows: Tensor, kind: str, step: int, per_item: int = 1) -> SamplerGenerated:
+        """Up to ``per_item`` generated negatives of ``kind`` per training row, made from the row's first
+        caption: negative captions owned by the row's image, negative images owned by its first caption."""
         need = "images" if kind == "captions" else "captions"
         if self.anchors != need:
             raise ValueError(f"clip: generated negative {kind} are extra candidates of {need} anchors; set "
@@ -161,10 +163,10 @@ class SceneNegativeSource:
         caps = [self.items.captions_of(r) for r in rows_l]
         first_anchor = np.cumsum([0] + [len(c) for c in caps])[:-1]
         if kind == "captions":
-            gen = self.generator.text_negatives(scene_ids, [c[0] for c in caps], step)
+            gen = self.generator.text_negatives(scene_ids, [c[0] for c in caps], step, per_item)
             owner = gen.owner  # image anchors: one per row
         else:
-            gen = self.generator.image_negatives(scene_ids, [c[0] for c in caps], step)
+            gen = self.generator.image_negatives(scene_ids, [c[0] for c in caps], step, per_item)
             owner = torch.as_tensor(first_anchor, dtype=torch.long)[gen.owner] if len(gen) else gen.owner
         items = [{k: v[i] for k, v in gen.inputs.items()} for i in range(len(gen))]
         return SamplerGenerated(items, owner, difficulty=gen.difficulty)
@@ -391,7 +393,11 @@ class ClipDataModule(L.LightningDataModule):
             if self.source != "scenes":
                 raise ValueError(f"clip: sampler {type(self.sampler).__name__} generates scene negatives; it needs "
                                  "source: scenes")
-            gen = SceneNegativeGenerator(self.corpus["train"], self.tokenizer, self.transform, seed=self.seed)
+            seen = None
+            if getattr(self.sampler, "seen_combinations_only", False):  # the combinations of training positives
+                seen = {(o.colour, o.shape) for scene in self.corpus["train"].scenes for o in scene.objects}
+            gen = SceneNegativeGenerator(self.corpus["train"], self.tokenizer, self.transform, seed=self.seed,
+                                         combos=seen)
             self.sampler.bind(SceneNegativeSource(gen, items, self.anchors))
         records = items.images.records
         ids = torch.tensor([r.image_id for r in records], dtype=torch.long)

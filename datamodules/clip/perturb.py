@@ -30,12 +30,19 @@ vocabulary word, whatever its role (the result need not parse).
 
 Image negatives (:func:`perturb_scene`): the scene with one object's colour, size or shape changed, or two
 objects' cells exchanged (a relation change), re-rendered by the caller with :func:`render_scene`.
+
+Plausibility (``combos``): every engine can be restricted to a set of (colour, shape) combinations, the
+ones that occur in the training positives. A training negative that names (or shows) a combination no
+positive ever has is recognisable from that alone, without looking at the image: SugarCrepe's argument
+against negatives that a text-only model can spot (Hsieh et al. 2023), here with a harmful twist, since the generated
+scenes hold some combinations out of training: the model learns "an unseen combination is always false"
+and then rejects the true captions of the test scenes, which all contain one.
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -44,7 +51,7 @@ from datamodules.clip.grammar import (
     NounPhrase, caption_holds, parse_caption,
 )
 from datamodules.clip.lexicon import ConcretenessLexicon
-from datamodules.clip.scenes import Scene
+from datamodules.clip.scenes import Combo, Scene
 
 CATEGORIES: tuple[str, ...] = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att")
 RANDOM_CATEGORY = "random_word"
@@ -73,6 +80,18 @@ class CaptionNegative:
     @property
     def changed_words(self) -> tuple[str, ...]:
         return tuple(w for e in self.edits for w in e.old + e.new)
+
+
+def names_only(caption: Caption, combos: Collection[Combo] | None) -> bool:
+    """Whether every noun phrase of ``caption`` that names a colour names a (colour, shape) of ``combos``
+    (``None``: any)."""
+    return combos is None or all(np_.colour is None or (np_.colour, np_.shape) in combos
+                                 for _, _, np_ in caption.noun_phrases())
+
+
+def shows_only(scene: Scene, combos: Collection[Combo] | None) -> bool:
+    """Whether every object of ``scene`` is a (colour, shape) of ``combos`` (``None``: any)."""
+    return combos is None or all((o.colour, o.shape) in combos for o in scene.objects)
 
 
 def apply_edits(tokens: Sequence[str], edits: Sequence[WordEdit]) -> list[str]:
@@ -104,10 +123,12 @@ class CaptionPerturber:
         categories: the categories to draw from (default: all of :data:`CATEGORIES`).
         selection: ``"concreteness"`` (prefer concrete words) or ``"uniform"``.
         temperature: sharpness of the concreteness preference (smaller = more concrete).
+        combos: the (colour, shape) combinations a negative may name (module docstring); ``None``: any.
     """
 
     def __init__(self, lexicon: ConcretenessLexicon | None = None, categories: Sequence[str] = CATEGORIES,
-                 selection: str = "concreteness", temperature: float = 0.1) -> None:
+                 selection: str = "concreteness", temperature: float = 0.1,
+                 combos: Collection[Combo] | None = None) -> None:
         unknown = [c for c in categories if c not in CATEGORIES]
         if unknown or not categories:
             raise ValueError(f"unknown perturbation categories {unknown}; expected a non-empty subset of {CATEGORIES}")
@@ -119,19 +140,21 @@ class CaptionPerturber:
         self.categories = tuple(categories)
         self.selection = selection
         self.temperature = float(temperature)
+        self.combos = None if combos is None else frozenset(combos)
 
     # ------------------------------------------------------------------------------ candidates
-    def _negative(self, positive: Caption, negative: Caption, category: str, edits: Sequence[WordEdit]) -> CaptionNegative:
+    def _negative(self, positive: str, negative: Caption, category: str, edits: Sequence[WordEdit]) -> CaptionNegative:
         removed = [w for e in edits for w in e.old]
         words = removed or [w for e in edits for w in e.new]
-        difficulty = float(np.mean([self.lexicon.normalised(w) for w in words]))
-        return CaptionNegative(negative.text(), positive.text(), category, tuple(edits), difficulty)
+        difficulty = sum(self.lexicon.normalised(w) for w in words) / len(words)
+        return CaptionNegative(negative.text(), positive, category, tuple(edits), float(difficulty))
 
     def candidates(self, caption: Caption | str, category: str, scene: Scene | None = None) -> list[CaptionNegative]:
-        """Every negative of ``category`` for ``caption``; with ``scene``, only those false for it."""
+        """Every negative of ``category`` for ``caption`` that names only :attr:`combos`; with ``scene``,
+        only those false for it."""
         cap = parse_caption(caption) if isinstance(caption, str) else caption
         toks, slots = cap.tokens_and_slots()
-        out: list[CaptionNegative] = []
+        raw: list[tuple[Caption, str, list[WordEdit]]] = []  # (negative, category, edits)
 
         def replace_word(ci: int, role: str, field: str, np_: NounPhrase, values: Sequence[str], cat: str) -> None:
             cur = getattr(np_, field)
@@ -139,7 +162,7 @@ class CaptionPerturber:
             for v in values:
                 if v != cur:
                     neg = cap.with_phrase(ci, role, replace(np_, **{field: v}))
-                    out.append(self._negative(cap, neg, cat, [WordEdit(span.start, span.end, (cur,), (v,))]))
+                    raw.append((neg, cat, [WordEdit(span.start, span.end, (cur,), (v,))]))
 
         phrases = list(cap.noun_phrases())
         if category == "replace_obj":
@@ -158,8 +181,7 @@ class CaptionPerturber:
                 for rel in RELATIONS:
                     if rel != cl.relation:
                         neg = cap.with_clause(ci, replace(cl, relation=rel))
-                        out.append(self._negative(cap, neg, category,
-                                                  [_minimal(span.start, RELATIONS[cl.relation], RELATIONS[rel])]))
+                        raw.append((neg, category, [_minimal(span.start, RELATIONS[cl.relation], RELATIONS[rel])]))
         elif category in ("swap_obj", "swap_att"):
             fields = ("shape",) if category == "swap_obj" else tuple(ATTRIBUTE_VALUES)
             for (ci, ri, a), (cj, rj, b) in itertools.combinations(phrases, 2):
@@ -169,32 +191,35 @@ class CaptionPerturber:
                         continue
                     neg = cap.with_phrase(ci, ri, replace(a, **{field: vb})).with_phrase(cj, rj, replace(b, **{field: va}))
                     sa, sb = slots[(ci, ri, field)], slots[(cj, rj, field)]
-                    out.append(self._negative(cap, neg, category, [WordEdit(sa.start, sa.end, (va,), (vb,)),
-                                                                   WordEdit(sb.start, sb.end, (vb,), (va,))]))
+                    raw.append((neg, category, [WordEdit(sa.start, sa.end, (va,), (vb,)),
+                                                WordEdit(sb.start, sb.end, (vb,), (va,))]))
         elif category == "add_obj":
             for shape in SHAPES:
                 for colour in (None, *COLOURS):
                     np_ = NounPhrase(shape, colour)
                     neg = replace(cap, clauses=cap.clauses + (Clause(np_),))
                     new = (CONJUNCTION, ARTICLE, *([colour] if colour else []), shape)
-                    out.append(self._negative(cap, neg, category, [WordEdit(len(toks), len(toks), (), new)]))
+                    raw.append((neg, category, [WordEdit(len(toks), len(toks), (), new)]))
         elif category == "add_att":
             for ci, role, np_ in phrases:
                 start = slots[(ci, role, "np")].start
                 if np_.size is None:  # the size goes right after the article
                     for v in SIZES:
                         neg = cap.with_phrase(ci, role, replace(np_, size=v))
-                        out.append(self._negative(cap, neg, category, [WordEdit(start + 1, start + 1, (), (v,))]))
+                        raw.append((neg, category, [WordEdit(start + 1, start + 1, (), (v,))]))
                 if np_.colour is None:  # the colour goes right before the shape
                     at = slots[(ci, role, "shape")].start
                     for v in COLOURS:
                         neg = cap.with_phrase(ci, role, replace(np_, colour=v))
-                        out.append(self._negative(cap, neg, category, [WordEdit(at, at, (), (v,))]))
+                        raw.append((neg, category, [WordEdit(at, at, (), (v,))]))
         else:
             raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
-        if scene is not None:
-            out = [n for n in out if not caption_holds(n.text, scene)]
-        return out
+        if self.combos is not None:
+            raw = [r for r in raw if names_only(r[0], self.combos)]
+        if scene is not None:  # the truth is checked on the structure; only the kept negatives are rendered
+            raw = [r for r in raw if not caption_holds(r[0], scene)]
+        positive = cap.text()
+        return [self._negative(positive, neg, cat, edits) for neg, cat, edits in raw]
 
     # ------------------------------------------------------------------------------- sampling
     def _pick(self, cands: Sequence[CaptionNegative], rng: np.random.Generator) -> CaptionNegative:
@@ -208,29 +233,45 @@ class CaptionPerturber:
                 scene: Scene | None = None) -> CaptionNegative | None:
         """One negative: ``category`` if given, else a category drawn uniformly among those of
         :attr:`categories` that have a candidate for this caption; ``None`` when none has."""
-        cats = [category] if category is not None else [self.categories[int(i)]
-                                                          for i in rng.permutation(len(self.categories))]
-        for cat in cats:  # the first usable category of a random order: uniform over the usable ones
-            cands = self.candidates(caption, cat, scene)
+        if category is not None:
+            cands = self.candidates(caption, category, scene)
+            return self._pick(cands, rng) if cands else None
+        got = self.perturb_many(caption, rng, 1, scene)
+        return got[0] if got else None
+
+    def perturb_many(self, caption: Caption | str, rng: np.random.Generator, k: int,
+                     scene: Scene | None = None) -> list[CaptionNegative]:
+        """Up to ``k`` negatives of distinct categories: the first ``k`` categories of a uniformly random
+        order of :attr:`categories` that have a candidate for this caption, one negative each (fewer when
+        fewer categories apply). ``k = 1`` draws exactly as :meth:`perturb`."""
+        if k < 1:
+            raise ValueError(f"k must be a positive integer; got {k}")
+        out: list[CaptionNegative] = []
+        for i in rng.permutation(len(self.categories)):  # the usable categories in a uniform random order
+            cands = self.candidates(caption, self.categories[int(i)], scene)
             if cands:
-                return self._pick(cands, rng)
-        return None
+                out.append(self._pick(cands, rng))
+                if len(out) == k:
+                    break
+        return out
 
 
 class RandomWordPerturber:
     """The control: one word at a uniform position replaced by a different uniform vocabulary word.
 
-    With ``scene``, a replacement that leaves a caption true for the scene is redrawn (up to ``max_tries``).
+    With ``scene``, a replacement that leaves a caption true for the scene is redrawn (up to ``max_tries``),
+    as is one that parses and names a (colour, shape) outside ``combos`` (module docstring; ``None``: any).
     The difficulty is the normalised concreteness of the removed word, as for :class:`CaptionPerturber`.
     """
 
     def __init__(self, lexicon: ConcretenessLexicon | None = None, vocabulary: Sequence[str] = VOCABULARY,
-                 max_tries: int = 20) -> None:
+                 max_tries: int = 20, combos: Collection[Combo] | None = None) -> None:
         if len(set(vocabulary)) < 2:
             raise ValueError("the vocabulary needs at least two words")
         self.lexicon = lexicon or ConcretenessLexicon.builtin()
         self.vocabulary = tuple(dict.fromkeys(vocabulary))
         self.max_tries = max_tries
+        self.combos = None if combos is None else frozenset(combos)
 
     def perturb(self, caption: str, rng: np.random.Generator, scene: Scene | None = None) -> CaptionNegative | None:
         toks = caption.split(" ")
@@ -240,15 +281,30 @@ class RandomWordPerturber:
             new = choices[int(rng.integers(len(choices)))]
             neg = toks[:i] + [new] + toks[i + 1:]
             text = " ".join(neg)
-            if scene is not None:
+            if scene is not None or self.combos is not None:
                 try:
-                    if caption_holds(text, scene):
-                        continue
+                    parsed = parse_caption(text)
                 except CaptionParseError:
-                    pass  # an ungrammatical caption describes no scene
+                    parsed = None  # an ungrammatical caption describes no scene and names no combination
+                if parsed is not None and ((scene is not None and caption_holds(parsed, scene))
+                                           or not names_only(parsed, self.combos)):
+                    continue
             return CaptionNegative(text, caption, RANDOM_CATEGORY, (WordEdit(i, i + 1, (toks[i],), (new,)),),
                                    self.lexicon.normalised(toks[i]))
         return None
+
+    def perturb_many(self, caption: str, rng: np.random.Generator, k: int,
+                     scene: Scene | None = None) -> list[CaptionNegative]:
+        """Up to ``k`` distinct negatives from ``k`` draws of :meth:`perturb` (duplicates dropped); ``k = 1``
+        draws exactly as :meth:`perturb`."""
+        if k < 1:
+            raise ValueError(f"k must be a positive integer; got {k}")
+        out: dict[str, CaptionNegative] = {}
+        for _ in range(k):
+            neg = self.perturb(caption, rng, scene=scene)
+            if neg is not None:
+                out.setdefault(neg.text, neg)
+        return list(out.values())
 
 
 # ------------------------------------------------------------------------------------- image negatives
@@ -293,18 +349,35 @@ def scene_edits(scene: Scene, kind: str) -> list[tuple[Scene, SceneEdit]]:
 
 
 def perturb_scene(scene: Scene, rng: np.random.Generator, kinds: Sequence[str] = IMAGE_EDITS,
-                  caption: Caption | str | None = None) -> tuple[Scene, SceneEdit] | None:
+                  caption: Caption | str | None = None,
+                  combos: Collection[Combo] | None = None) -> tuple[Scene, SceneEdit] | None:
     """A scene with one attribute or relation changed (kind uniform among ``kinds`` that apply, then an
     edit uniform within it). With ``caption`` (true for ``scene``), only scenes for which it is false:
-    a text->image hard negative. ``None`` when no edit qualifies."""
+    a text->image hard negative; with ``combos``, only scenes whose objects are all of ``combos``.
+    ``None`` when no edit qualifies."""
+    got = perturb_scene_many(scene, rng, 1, kinds, caption, combos)
+    return got[0] if got else None
+
+
+def perturb_scene_many(scene: Scene, rng: np.random.Generator, k: int, kinds: Sequence[str] = IMAGE_EDITS,
+                       caption: Caption | str | None = None,
+                       combos: Collection[Combo] | None = None) -> list[tuple[Scene, SceneEdit]]:
+    """Up to ``k`` edited scenes of distinct kinds (each kind drawn uniformly among the applicable ones
+    not drawn yet, then an edit uniform within it), as :func:`perturb_scene`; ``k = 1`` draws exactly as
+    :func:`perturb_scene`."""
+    if k < 1:
+        raise ValueError(f"k must be a positive integer; got {k}")
+    if isinstance(caption, str):
+        caption = parse_caption(caption)
     by_kind = {}
-    for k in kinds:
-        cands = scene_edits(scene, k)
+    for kind in kinds:
+        cands = [c for c in scene_edits(scene, kind) if shows_only(c[0], combos)]
         if caption is not None:
             cands = [c for c in cands if not caption_holds(caption, c[0])]
         if cands:
-            by_kind[k] = cands
-    if not by_kind:
-        return None
-    cands = by_kind[list(by_kind)[int(rng.integers(len(by_kind)))]]
-    return cands[int(rng.integers(len(cands)))]
+            by_kind[kind] = cands
+    out: list[tuple[Scene, SceneEdit]] = []
+    while by_kind and len(out) < k:
+        cands = by_kind.pop(list(by_kind)[int(rng.integers(len(by_kind)))])
+        out.append(cands[int(rng.integers(len(cands)))])
+    return out

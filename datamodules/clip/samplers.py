@@ -3,12 +3,15 @@ perturbation (``neg_captions_concreteness``) or by random-word swaps (``neg_capt
 control), and negative images re-rendered with one attribute or relation changed (``neg_images``).
 
 The sampler draws nothing from the corpus; its :meth:`sample` returns generated negatives made by the
-datamodule's :class:`~datamodules.clip.datamodule.SceneNegativeSource` (bound with :meth:`bind`), one per
-anchor at most, each owned by its anchor and carrying its difficulty (the concreteness score of the
-changed words) for a Cement-style margin.
+datamodule's :class:`~datamodules.clip.datamodule.SceneNegativeSource` (bound with :meth:`bind`),
+``negatives_per_item`` per anchor at most (of distinct perturbation categories or scene-edit kinds), each
+owned by its anchor and carrying its difficulty (the concreteness score of the changed words) for a
+Cement-style margin, and, when ``weight`` is not 1, its loss weight (InfoNCE multiplies the negative's
+``exp(s / t)`` by it, as if it were ``weight`` copies).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -20,12 +23,27 @@ from datamodules.clip.perturb import RandomWordPerturber
 
 
 class SceneNegativeSampler(NegativeSampler):
-    """Base of the generated-negative samplers: ``kind`` ``"captions"`` or ``"images"``."""
+    """Base of the generated-negative samplers: ``kind`` ``"captions"`` or ``"images"``.
+
+    Args:
+        negatives_per_item: generated negatives per training row at most (distinct categories / edit kinds).
+        weight: loss weight of every generated negative (1: unweighted; no weights are attached).
+        seen_combinations_only: negatives name or show only (colour, shape) combinations that occur in the
+            training positives (:mod:`datamodules.clip.perturb`: otherwise an unseen combination marks a
+            negative by itself, and the held-out combinations of the test scenes are learnt as false).
+    """
 
     kind: str = "captions"
 
-    def __init__(self) -> None:
+    def __init__(self, negatives_per_item: int = 1, weight: float = 1.0, seen_combinations_only: bool = True) -> None:
         super().__init__(num_negatives=0)
+        if isinstance(negatives_per_item, bool) or not isinstance(negatives_per_item, int) or negatives_per_item < 1:
+            raise ValueError(f"{type(self).__name__}: negatives_per_item must be a positive integer; got "
+                             f"{negatives_per_item!r}")
+        if not float(weight) > 0:
+            raise ValueError(f"{type(self).__name__}: weight must be positive; got {weight!r}")
+        self.negatives_per_item, self.weight = int(negatives_per_item), float(weight)
+        self.seen_combinations_only = bool(seen_combinations_only)
         self.source: Optional[Any] = None
 
     def bind(self, source: Any) -> None:
@@ -37,8 +55,10 @@ class SceneNegativeSampler(NegativeSampler):
         if self.source is None:
             raise RuntimeError(f"{type(self).__name__}: no negative source bound (the clip datamodule binds it)")
         rows = torch.as_tensor(rows).long().view(-1)
-        return SampledNegatives(rows=torch.full((rows.shape[0], 0), -1, dtype=torch.long),
-                                generated=self.source.negatives(rows, self.kind, self.epoch))
+        gen = self.source.negatives(rows, self.kind, self.epoch, self.negatives_per_item)
+        if self.weight != 1.0:
+            gen = replace(gen, weights=torch.full((len(gen.items),), self.weight, dtype=torch.float32))
+        return SampledNegatives(rows=torch.full((rows.shape[0], 0), -1, dtype=torch.long), generated=gen)
 
 
 @SAMPLERS.register("neg_captions_concreteness")
@@ -57,7 +77,7 @@ class RandomWordCaptionSampler(SceneNegativeSampler):
     kind = "captions"
 
     def bind(self, source: Any) -> None:
-        source.generator.perturber = RandomWordPerturber()
+        source.generator.perturber = RandomWordPerturber(combos=source.generator.combos)
         super().bind(source)
 
 
