@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from datamodules.clip.models import (
-    CHECKPOINT_NAME, LOGIT_SCALE_MAX, ModelConfigError, build_clip_towers, load_model_config,
+    CHECKPOINT_NAME, LOGIT_SCALE_MAX, MODEL_CONFIG_DIR, ModelConfigError, build_clip_towers, load_model_config,
 )
+
+SHIPPED = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
 
 CAPTIONS = ["a small red circle left of a blue square", "there is a cross", "a picture of a white diamond"] * 2
 
@@ -27,7 +29,11 @@ def _inputs(towers, n=6):
     return {"pixels": torch.randn(n, 3, size, size)}, {"ids": towers.tokenizer(CAPTIONS[:n])}
 
 
-@pytest.mark.parametrize("arch", ["clip-tiny", "clip-tiny-timm"])
+def test_shipped_configs_are_listed():
+    assert {"clip-tiny", "clip-tiny-timm", "clip-tiny-rn"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("arch", SHIPPED)
 def test_tower_contract_and_gradients(arch):
     t = build_clip_towers(arch)
     img, txt = _inputs(t)
@@ -74,8 +80,9 @@ def test_builtin_open_clip_name_random_init():
     assert t.image(img).shape == (2, 1024) and t.text(txt).shape == (2, 1024)
 
 
-def test_export_loads_with_open_clip(tmp_path):
-    t = build_clip_towers("clip-tiny")
+@pytest.mark.parametrize("arch", SHIPPED)
+def test_export_loads_with_open_clip(tmp_path, arch):
+    t = build_clip_towers(arch)
     with torch.no_grad():  # "train": change every weight, and push the logit scale past its clamp
         for p in t.model.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -84,14 +91,15 @@ def test_export_loads_with_open_clip(tmp_path):
     paths = t.export(tmp_path / "export")
     assert paths["checkpoint"].name == CHECKPOINT_NAME
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == sorted(
-        [CHECKPOINT_NAME, "clip-tiny.json", "open_clip_config.json"])  # no temporary files
+        [CHECKPOINT_NAME, f"{arch}.json", "open_clip_config.json"])  # no temporary files
     open_clip.add_model_config(paths["model_config"])
-    model, _, preprocess = open_clip.create_model_and_transforms("clip-tiny", pretrained=str(paths["checkpoint"]))
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(paths["checkpoint"]))
     model.eval(), t.model.eval()
     assert torch.allclose(model.encode_image(img["pixels"]), t.model.encode_image(img["pixels"]), atol=1e-6)
     assert torch.allclose(model.encode_text(txt["ids"]), t.model.encode_text(txt["ids"]), atol=1e-6)
     assert float(model.logit_scale) == pytest.approx(math.log(100))
     local, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'export'}")
+    local.eval()
     assert torch.allclose(local.encode_text(txt["ids"]), t.model.encode_text(txt["ids"]), atol=1e-6)
 
 
