@@ -49,6 +49,9 @@ EXPERIMENTS = os.environ.get(
 SEEDS = int(os.environ.get("CONTRASTIVE_NOTEBOOK_SEEDS", "2" if SCALE == "smoke" else "3"))
 # extra overrides for every run, space-separated (e.g. "trainer.max_epochs=8")
 OVERRIDES = os.environ.get("CONTRASTIVE_NOTEBOOK_OVERRIDES", "").split()
+# reuse a finished run in the runs directory whose saved config equals the one this notebook would run
+# (same experiment, seed and overrides), so a table can be filled in over several sessions
+REUSE = os.environ.get("CONTRASTIVE_NOTEBOOK_REUSE", "0") == "1"
 
 # %%
 import json
@@ -58,9 +61,10 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 import contrastive
-from contrastive.cli import main as contrastive_main, next_version_dir
+from contrastive.cli import load_config, main as contrastive_main, next_version_dir
 
 if SCALE not in ("smoke", "full"):
     raise ValueError(f"CONTRASTIVE_NOTEBOOK_SCALE must be 'smoke' or 'full'; got {SCALE!r}")
@@ -82,10 +86,31 @@ print("budget:", " ".join(BUDGET))
 # ## Train and test each row
 
 # %%
+def _what_runs(cfg: dict) -> dict:
+    """A resolved config without ``run.output_dir`` (where a run was written, not what it computed)."""
+    run = {k: v for k, v in (cfg.get("run") or {}).items() if k != "output_dir"}
+    return {**cfg, "run": run}
+
+
+def finished_run(exp: Path, name: str, overrides: list) -> Path | None:
+    """A finished run of this experiment in RUNS whose saved config equals the one ``overrides`` give."""
+    want = _what_runs(load_config(exp, overrides))
+    for run in sorted((RUNS / f"clip_{name}").glob("version_*")):
+        if (run / "results.json").is_file() and (run / "test_items.json").is_file():
+            if _what_runs(yaml.safe_load((run / "config.yaml").read_text())) == want:
+                return run
+    return None
+
+
 seed_runs: dict[str, list[Path]] = {}
 for name in EXPERIMENTS:
     exp = ROOT / "configs" / "clip" / f"{name}.yaml"
     for seed in range(SEEDS):
+        done = finished_run(exp, name, [*BUDGET, f"seed={seed}"]) if REUSE else None
+        if done is not None:
+            seed_runs.setdefault(name, []).append(done)
+            print(f"{name} seed {seed}: reused {done}")
+            continue
         run = next_version_dir(RUNS / f"clip_{name}")  # the directory `fit` is about to create
         t0 = time.time()
         with open(RUNS / f"{name}_seed{seed}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
