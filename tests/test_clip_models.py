@@ -30,7 +30,7 @@ def _inputs(towers, n=6):
 
 
 def test_shipped_configs_are_listed():
-    assert {"clip-tiny", "clip-tiny-timm", "clip-tiny-rn"} <= set(SHIPPED)
+    assert {"clip-tiny", "clip-tiny-timm", "clip-tiny-timm-t4", "clip-tiny-rn"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("arch", SHIPPED)

@@ -5,7 +5,8 @@ Architectures (:func:`resolve_architecture`):
 - any name in ``open_clip.list_models()`` (``"ViT-B-32"``, ``"RN50"``, ...);
 - a YAML file in open_clip's model-config format (``embed_dim``, ``vision_cfg`` with ViT sizes or a
   ``timm_model_name``, ``text_cfg``), registered with open_clip under the file's stem at build time;
-- the name of a YAML file shipped in ``datamodules/clip/model_configs/`` (``"clip-tiny"``, ``"clip-tiny-timm"``).
+- the name of a YAML file shipped in ``datamodules/clip/model_configs/`` (``"clip-tiny"``, ``"clip-tiny-timm"``,
+  ``"clip-tiny-timm-t4"``, ``"clip-tiny-rn"``).
 
 Models are randomly initialised; ``pretrained`` takes a local checkpoint file only (an open_clip
 training checkpoint, a bare state dict or safetensors; open_clip's own loader converts and checks it,
