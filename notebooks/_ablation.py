@@ -2,6 +2,8 @@
 tested against a baseline row by a paired test over the test queries (:mod:`contrastive.metrics.significance`).
 
 Every run directory must hold ``results.json`` and ``test_ranks.json`` (written by ``contrastive fit``).
+:func:`finished_run` finds a finished run with a given resolved config, so a long notebook can continue
+where an interrupted one stopped (``CONTRASTIVE_NOTEBOOK_REUSE=1``).
 """
 from __future__ import annotations
 
@@ -10,10 +12,40 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import yaml
 
 from contrastive.metrics.significance import compare_to_baseline, mean_std, reciprocal_ranks, significance_mark
 
 KEYS = ("mrr", "recall@1", "recall@10", "csn_mrr")
+
+
+#: ``run`` keys that say where and on how many threads a run was computed, not what it computed
+WHERE_KEYS = ("output_dir", "num_threads")
+
+
+def _what_runs(cfg: Mapping) -> dict:
+    """A resolved config without the ``run`` keys of :data:`WHERE_KEYS`."""
+    run = {k: v for k, v in (cfg.get("run") or {}).items() if k not in WHERE_KEYS}
+    return {**cfg, "run": run}
+
+
+def finished_run(runs_dir: Path, want: Mapping, required: Sequence[str] = ("results.json",),
+                 stamp: tuple[str, str] | None = None) -> Path | None:
+    """The latest ``runs_dir/version_*`` that finished (holds ``config.yaml`` and every file of
+    ``required``) with the resolved config ``want`` (as :func:`contrastive.cli.load_config` gives it;
+    ``run.output_dir`` and ``run.num_threads`` are not compared). With ``stamp = (file, text)`` the run must also hold ``file``
+    whose stripped content is ``text`` (e.g. the fingerprint of the corpus it was checked to use)."""
+    target = _what_runs(want)
+    runs = sorted(Path(runs_dir).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    for run_dir in reversed(runs):
+        if not all((run_dir / f).is_file() for f in ("config.yaml", *required)):
+            continue
+        if stamp is not None and not ((run_dir / stamp[0]).is_file()
+                                      and (run_dir / stamp[0]).read_text().strip() == stamp[1]):
+            continue
+        if _what_runs(yaml.safe_load((run_dir / "config.yaml").read_text())) == target:
+            return run_dir
+    return None
 
 
 def run_reciprocal_ranks(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -73,7 +73,7 @@ ROOT = next((p for p in (Path.cwd(), *Path.cwd().parents) if (p / "configs" / "c
 RUNS = Path(OUT) if OUT else ROOT / "runs" / "notebooks" / "clip_ablation" / SCALE
 RUNS.mkdir(parents=True, exist_ok=True)
 sys.path.insert(0, str(ROOT / "notebooks"))
-from _ablation import tested_table  # noqa: E402  (shared with the other ablation notebooks)
+from _ablation import finished_run, tested_table  # noqa: E402  (shared with the other ablation notebooks)
 
 BUDGET = ["data.scenes.seed=0", f"run.output_dir={RUNS}", "trainer.enable_progress_bar=false", *OVERRIDES]
 if SCALE == "smoke":
@@ -86,27 +86,12 @@ print("budget:", " ".join(BUDGET))
 # ## Train and test each row
 
 # %%
-def _what_runs(cfg: dict) -> dict:
-    """A resolved config without ``run.output_dir`` (where a run was written, not what it computed)."""
-    run = {k: v for k, v in (cfg.get("run") or {}).items() if k != "output_dir"}
-    return {**cfg, "run": run}
-
-
-def finished_run(exp: Path, name: str, overrides: list) -> Path | None:
-    """A finished run of this experiment in RUNS whose saved config equals the one ``overrides`` give."""
-    want = _what_runs(load_config(exp, overrides))
-    for run in sorted((RUNS / f"clip_{name}").glob("version_*")):
-        if (run / "results.json").is_file() and (run / "test_items.json").is_file():
-            if _what_runs(yaml.safe_load((run / "config.yaml").read_text())) == want:
-                return run
-    return None
-
-
 seed_runs: dict[str, list[Path]] = {}
 for name in EXPERIMENTS:
     exp = ROOT / "configs" / "clip" / f"{name}.yaml"
     for seed in range(SEEDS):
-        done = finished_run(exp, name, [*BUDGET, f"seed={seed}"]) if REUSE else None
+        done = (finished_run(RUNS / f"clip_{name}", load_config(exp, [*BUDGET, f"seed={seed}"]),
+                             required=("results.json", "test_items.json")) if REUSE else None)
         if done is not None:
             seed_runs.setdefault(name, []).append(done)
             print(f"{name} seed {seed}: reused {done}")

@@ -49,18 +49,22 @@ REUSE = os.environ.get("CONTRASTIVE_NOTEBOOK_REUSE", "0") == "1"  # reuse finish
 # %%
 import json
 import logging
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 from scipy import stats
 
-from contrastive.cli import main
+from contrastive.cli import load_config, main
 
 logging.getLogger("lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 ROOT = Path.cwd()
+sys.path.insert(0, str(ROOT / "notebooks"))
+from _ablation import finished_run  # noqa: E402  (shared with the other ablation notebooks)
+
 OUT_DIR = Path(OUT) if OUT else ROOT / "runs" / "notebooks" / "detection_heads" / SCALE
 ROWS = {
     "linear": ("linear.yaml", []),
@@ -99,12 +103,16 @@ print(f"scale={SCALE}: vocabularies {VOCABS}, rows {list(ROWS)}, seeds {SEEDS}, 
 def run(vocab: int, row: str, seed: int) -> dict:
     config, extra = ROWS[row]
     out = OUT_DIR / f"v{vocab}_{row}_s{seed}"
-    done = sorted(out.glob("*/version_*/results.json"))
-    if REUSE and done:
-        return json.loads(done[-1].read_text())
-    args = ["fit", str(ROOT / "configs" / "detection" / config), f"data.num_categories={vocab}", f"seed={seed}",
-            f"run.output_dir={out}", "trainer.enable_progress_bar=false", *extra, *SCALE_OVERRIDES]
-    assert main(args) == 0, args
+    exp = ROOT / "configs" / "detection" / config
+    overrides = [f"data.num_categories={vocab}", f"seed={seed}", f"run.output_dir={out}",
+                 "trainer.enable_progress_bar=false", *extra, *SCALE_OVERRIDES]
+    if REUSE:
+        want = load_config(exp, overrides)
+        done = finished_run(out / want["experiment"], want)
+        if done is not None:
+            print(f"v{vocab} {row} seed {seed}: reused {done}")
+            return json.loads((done / "results.json").read_text())
+    assert main(["fit", str(exp), *overrides]) == 0, overrides
     return json.loads(sorted(out.glob("*/version_*/results.json"))[-1].read_text())
 
 

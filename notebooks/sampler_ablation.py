@@ -84,6 +84,8 @@ def find_root() -> Path:
 
 
 ROOT = find_root()
+sys.path.insert(0, str(ROOT / "notebooks"))
+from _ablation import finished_run, seeds_table  # noqa: E402  (shared with the other ablation notebooks)
 EXP = ROOT / "configs" / "codesearch" / "infonce.yaml"
 OUT = Path(OUT) if OUT else ROOT / "runs" / "notebooks" / "sampler_ablation" / SCALE
 OUT.mkdir(parents=True, exist_ok=True)
@@ -205,21 +207,6 @@ def run_cli(argv: list[str], log_path: Path) -> int:
 STAMP = "notebook_corpus.txt"  # the corpus fingerprint a run was checked to have used
 
 
-def finished_run(experiment: str, argv: list[str]) -> Path | None:
-    """With ``REUSE``: the latest run of ``experiment`` in OUT that finished (``results.json``) with the very
-    config ``argv`` composes to, on this corpus (e.g. to resume a long full-scale notebook after an interruption)."""
-    if not REUSE:
-        return None
-    want = load_config(EXP, argv)
-    runs = sorted((OUT / "runs" / experiment).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    for run_dir in reversed(runs):
-        if (run_dir / "results.json").is_file() and (run_dir / "config.yaml").is_file() \
-                and (run_dir / STAMP).is_file() and (run_dir / STAMP).read_text().strip() == CORPUS_FP:
-            if yaml.safe_load((run_dir / "config.yaml").read_text()) == want:
-                return run_dir
-    return None
-
-
 def check_same_corpus(run_dir: Path) -> None:
     """The default corpus is rebuilt whenever the scanned files change (e.g. a ``pip install`` during the
     notebook), which would make the rows incomparable: check that it is still the one of section 1."""
@@ -244,7 +231,8 @@ for name in SAMPLERS:
     for seed in range(SEEDS):
         argv = [f"sampler={name}", f"experiment={experiment}", f"seed={seed}", *COMMON]
         t0 = time.perf_counter()
-        run_dir = finished_run(experiment, argv)
+        run_dir = (finished_run(OUT / "runs" / experiment, load_config(EXP, argv), stamp=(STAMP, CORPUS_FP))
+                   if REUSE else None)
         if run_dir is None:
             run_dir = next_version_dir(OUT / "runs" / experiment)  # the directory `fit` is about to create
             code = run_cli(["fit", str(EXP), *argv], OUT / "logs" / f"{experiment}_seed{seed}.log")
@@ -264,8 +252,6 @@ for name in SAMPLERS:
 # `**` p < 0.01).
 
 # %%
-sys.path.insert(0, str(ROOT / "notebooks"))
-from _ablation import seeds_table  # noqa: E402  (shared with loss_ablation)
 
 SEED_TABLE_MD, SEED_ROWS = seeds_table(SEED_RUNS, "in_batch", "sampler")
 show_markdown(f"{SEEDS} seeds per sampler, corpus fingerprint {CORPUS_FP}\n\n" + SEED_TABLE_MD)
