@@ -130,21 +130,23 @@ def mean_std(values: list) -> str:
     return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if vals else "-"
 
 
-lines = ["| vocabulary | row | " + " | ".join(KEYS) + " | time / epoch (s) |", "|---" * (len(KEYS) + 3) + "|"]
+lines = ["| vocabulary | row | " + " | ".join(KEYS) + " | time / epoch (s) | epochs trained |",
+         "|---" * (len(KEYS) + 4) + "|"]
 for v in VOCABS:
     for r in ROWS:
         rs = [results[(v, r, s)] for s in SEEDS]
         cells = [mean_std([x["test"].get(k) for x in rs]) for k in KEYS]
         cells.append(mean_std([x["time_per_epoch_s"] for x in rs]))
+        cells.append(" / ".join(str(len(x["epoch_times_s"])) for x in rs))  # the configs cap training time
         lines.append(f"| {v} | {r} | " + " | ".join(cells) + " |")
 table = "\n".join(lines)
 print(table)
 (OUT_DIR / "table.md").write_text(table + "\n")
 
 # %% [markdown]
-# ## Significance: each row against the linear head
+# ## Significance: each row against the linear head, each sampler against `cq_topk`
 # Each seed generates its own scenes, so pairs are formed within a seed: the same category on the same
-# test images under the row and under `linear`. The Wilcoxon signed-rank test (`scipy.stats.wilcoxon`,
+# test images under the row and under the row it is compared with. The Wilcoxon signed-rank test (`scipy.stats.wilcoxon`,
 # two-sided) runs over all (seed, category) pairs, for all categories and for each frequency bucket
 # (the bucket of the seed's training split). A paired t-test over seeds on the bucket's AP (the
 # table's number) is given beside it; with 3 seeds it has 2 degrees of freedom.
@@ -172,16 +174,17 @@ def paired_tests(vocab: int, row: str, base: str = "linear") -> dict:
     return out
 
 
-sig_lines = ["| vocabulary | row | measure | (seed, category) pairs | mean Δ AP vs linear | p (Wilcoxon, pairs) | p (t, seeds) |",
-             "|---|---|---|---|---|---|---|"]
+sig_lines = ["| vocabulary | row | against | measure | (seed, category) pairs | mean Δ AP | p (Wilcoxon, pairs) | p (t, seeds) |",
+             "|---|---|---|---|---|---|---|---|"]
 significance = {}
+# every row against the linear head; the other category samplers also against CQ-DINO's learned selection
+COMPARISONS = [(r, "linear") for r in ROWS if r != "linear" and "linear" in ROWS]
+COMPARISONS += [(r, "cq_topk") for r in ROWS if r not in ("linear", "cq_topk") and "cq_topk" in ROWS]
 for v in VOCABS:
-    for r in ROWS:
-        if r == "linear" or "linear" not in ROWS:
-            continue
-        significance[(v, r)] = paired_tests(v, r)
-        for name, t in significance[(v, r)].items():
-            sig_lines.append(f"| {v} | {r} | {name} | {t['pairs']} | {t['delta']:+.3f} | "
+    for r, base in COMPARISONS:
+        significance[(v, r, base)] = paired_tests(v, r, base)
+        for name, t in significance[(v, r, base)].items():
+            sig_lines.append(f"| {v} | {r} | {base} | {name} | {t['pairs']} | {t['delta']:+.3f} | "
                              f"{t['p_categories']:.2g} | {t['p_seeds']:.2g} |")
 sig_table = "\n".join(sig_lines)
 print(sig_table)
@@ -193,7 +196,7 @@ print(sig_table)
 # %%
 v = VOCABS[-1]
 fig, ax = plt.subplots(figsize=(6, 4))
-for row, marker in ((r, m) for r, m in (("linear", "o"), ("cq_topk", "x")) if r in ROWS):
+for row, marker in ((r, m) for r, m in (("linear", "o"), ("cq_topk", "x"), ("index_topk", "+"), ("random", ".")) if r in ROWS):
     xs, ys = [], []
     for s in SEEDS:
         for cat in results[(v, row, s)]["per_category"].values():
