@@ -254,3 +254,33 @@ def test_generated_negatives_avoid_held_out_combinations(tmp_path, seen_only):
                 continue
             named += sum((np_.colour, np_.shape) in held for _, _, np_ in cap.noun_phrases())
     assert (named == 0) is seen_only
+
+
+def test_caption_sampler_categories_selection_and_a_users_lexicon_from_config(tmp_path):
+    """``neg_captions_concreteness`` takes its categories, selection and a user's Brysbaert-format lexicon
+    from the sampler spec; the bound generator draws only those categories, with those ratings."""
+    from contrastive.build import build_sampler
+    from datamodules.clip.lexicon import LexiconError
+
+    lex = tmp_path / "conc.tsv"
+    lex.write_text("Word\tBigram\tConc.M\tConc.SD\nleft\t0\t4.9\t0.3\nabove\t0\t1.2\t0.5\n")
+    sampler = build_sampler({"name": "neg_captions_concreteness", "negatives_per_item": 3,
+                             "categories": ["replace_rel"], "selection": "uniform", "lexicon": str(lex)})
+    dm = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path / "c"), batch_size=8, anchors="images", sampler=sampler)
+    dm.setup("fit")
+    dm.train_dataloader()
+    gen = sampler.source.generator
+    assert gen.perturber.categories == ("replace_rel",) and gen.perturber.selection == "uniform"
+    assert gen.perturber.lexicon.rating("left") == 4.9 and gen.perturber.lexicon.rating("circle") == 4.6  # + built-in
+    scenes = gen.split.scenes
+    rows = [i for i, s in enumerate(scenes) if len(s.objects) > 1][:6]
+    caps = [gen.split.captions[i][0] for i in rows]
+    neg = gen.text_negatives(rows, caps, per_item=3)
+    assert neg.kinds and set(neg.kinds) == {"replace_rel"}
+    assert (torch.bincount(neg.owner) <= 1).all()  # one category: at most one negative per item
+    with pytest.raises(LexiconError, match="conc.csv"):
+        bad = tmp_path / "conc.csv"
+        bad.write_text("word,rating\nleft,4\n")
+        build_sampler({"name": "neg_captions_concreteness", "lexicon": str(bad)})
+    with pytest.raises(ValueError, match="categories"):
+        build_sampler({"name": "neg_captions_concreteness", "categories": ["replace_everything"]})

@@ -12,14 +12,15 @@ Cement-style margin, and, when ``weight`` is not 1, its loss weight (InfoNCE mul
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from contrastive.registry import SAMPLERS
 from contrastive.samplers.base import NegativeSampler, SampledNegatives
-from datamodules.clip.perturb import RandomWordPerturber
+from datamodules.clip.lexicon import ConcretenessLexicon
+from datamodules.clip.perturb import CATEGORIES, CaptionPerturber, RandomWordPerturber
 
 
 class SceneNegativeSampler(NegativeSampler):
@@ -64,9 +65,34 @@ class SceneNegativeSampler(NegativeSampler):
 @SAMPLERS.register("neg_captions_concreteness")
 class ConcretenessCaptionSampler(SceneNegativeSampler):
     """A perturbed caption per image anchor (SugarCrepe categories), words picked by concreteness
-    (:class:`~datamodules.clip.perturb.CaptionPerturber`)."""
+    (:class:`~datamodules.clip.perturb.CaptionPerturber`).
+
+    Args (besides those of :class:`SceneNegativeSampler`):
+        categories: the perturbation categories to draw from (default: all of
+            :data:`~datamodules.clip.perturb.CATEGORIES`), e.g. ``[replace_rel, swap_att]`` for a per-category
+            ablation.
+        selection: ``"concreteness"`` (prefer concrete words) or ``"uniform"``.
+        temperature: sharpness of the concreteness preference.
+        lexicon: a user's concreteness ratings in the Brysbaert et al. (2014) format (CSV or TSV with ``Word``
+            and ``Conc.M``), read when the sampler is built; ``None``: the built-in table.
+    """
 
     kind = "captions"
+
+    def __init__(self, negatives_per_item: int = 1, weight: float = 1.0, seen_combinations_only: bool = True,
+                 categories: Optional[Sequence[str]] = None, selection: str = "concreteness",
+                 temperature: float = 0.1, lexicon: Optional[str] = None) -> None:
+        super().__init__(negatives_per_item, weight, seen_combinations_only)
+        self.lexicon = ConcretenessLexicon.from_csv(lexicon) if lexicon else ConcretenessLexicon.builtin()
+        self.categories = tuple(categories) if categories is not None else CATEGORIES
+        # validates categories, selection and temperature now rather than at the first batch
+        self._settings = dict(lexicon=self.lexicon, categories=self.categories, selection=selection,
+                              temperature=temperature)
+        CaptionPerturber(**self._settings)
+
+    def bind(self, source: Any) -> None:
+        source.generator.perturber = CaptionPerturber(**self._settings, combos=source.generator.combos)
+        super().bind(source)
 
 
 @SAMPLERS.register("neg_captions_random")
