@@ -6,7 +6,7 @@ Architectures (:func:`resolve_architecture`):
 - a YAML file in open_clip's model-config format (``embed_dim``, ``vision_cfg`` with ViT sizes or a
   ``timm_model_name``, ``text_cfg``), registered with open_clip under the file's stem at build time;
 - the name of a YAML file shipped in ``datamodules/clip/model_configs/`` (``"clip-tiny"``, ``"clip-tiny-timm"``,
-  ``"clip-tiny-timm-t4"``, ``"clip-tiny-rn"``).
+  ``"clip-tiny-timm-t4"``, ``"clip-tiny-rn"``, ``"clip-tiny-vit-t4"``).
 
 Models are randomly initialised; ``pretrained`` takes a local checkpoint file only (an open_clip
 training checkpoint, a bare state dict or safetensors; open_clip's own loader converts and checks it,
