@@ -28,11 +28,11 @@
 # for both heads (the long-tail claim of CQ-DINO: rare categories gain from the category-query head).
 #
 # `CONTRASTIVE_NOTEBOOK_SCALE=smoke` (used by `tests/test_notebooks.py`) trains a few steps on a tiny
-# vocabulary; `full` uses the configs as they are at vocabularies 50, 200 and 800 with 3 seeds (36 runs of
-# up to about 20 minutes each on 2 CPU cores, about 12 hours in all). The configs cap training at 17
-# minutes, which at 800 categories stops before the 12 epochs (30 training batches with a validation pass
-# took about twice as long at 800 as at 50 categories, 1.9x for the category-query head and 1.8x for the
-# linear one), so the 800-category rows compare heads at equal time rather than equal epochs; add
+# vocabulary; `full` uses the configs as they are at vocabularies 50, 200 and 800 with 3 seeds (45 runs of
+# up to about 20 minutes each on 2 CPU cores, about 15 hours one at a time). The configs cap training at 17
+# minutes, which at 800 categories can stop before the 12 epochs on a busy machine (an epoch at 800
+# categories takes 78-95 s on one thread), so the 800-category rows compare heads at equal time rather
+# than equal epochs; the table lists the epochs each seed trained; add
 # `trainer.max_time=null` to `SCALE_OVERRIDES` for equal epochs (longer). With
 # `CONTRASTIVE_NOTEBOOK_REUSE=1` finished runs are reused, so an interrupted table continues where it
 # stopped.
@@ -69,6 +69,8 @@ OUT_DIR = Path(OUT) if OUT else ROOT / "runs" / "notebooks" / "detection_heads" 
 ROWS = {
     "linear": ("linear.yaml", []),
     "cq_topk": ("category_query.yaml", ["category_sampler.name=cq_topk"]),
+    # the learned selection with the image's ground-truth categories always kept, as index_topk and random do
+    "cq_topk_gt": ("category_query.yaml", ["category_sampler.name=cq_topk", "category_sampler.force_include_gt=true"]),
     "index_topk": ("category_query.yaml", ["category_sampler.name=index_topk"]),
     "random": ("category_query.yaml", ["category_sampler.name=random"]),
 }
@@ -196,7 +198,7 @@ print(sig_table)
 # %%
 v = VOCABS[-1]
 fig, ax = plt.subplots(figsize=(6, 4))
-for row, marker in ((r, m) for r, m in (("linear", "o"), ("cq_topk", "x"), ("index_topk", "+"), ("random", ".")) if r in ROWS):
+for row, marker in ((r, m) for r, m in (("linear", "o"), ("cq_topk", "x"), ("cq_topk_gt", "*"), ("index_topk", "+"), ("random", ".")) if r in ROWS):
     xs, ys = [], []
     for s in SEEDS:
         for cat in results[(v, row, s)]["per_category"].values():
