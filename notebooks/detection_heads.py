@@ -25,7 +25,7 @@
 #
 # at each vocabulary size, with several seeds per row, and reports mean ± std of mAP, AP_rare, AP_common,
 # AP_frequent and the time per epoch, then plots each category's AP against its number of training images
-# for both heads (the long-tail claim of CQ-DINO: rare categories gain from the category-query head).
+# for every row (the long-tail claim of CQ-DINO: rare categories gain from the category-query head).
 #
 # `CONTRASTIVE_NOTEBOOK_SCALE=smoke` (used by `tests/test_notebooks.py`) trains a few steps on a tiny
 # vocabulary; `full` uses the configs as they are at vocabularies 50, 200 and 800 with 3 seeds (45 runs of

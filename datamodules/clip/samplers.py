@@ -83,12 +83,10 @@ class ConcretenessCaptionSampler(SceneNegativeSampler):
                  categories: Optional[Sequence[str]] = None, selection: str = "concreteness",
                  temperature: float = 0.1, lexicon: Optional[str] = None) -> None:
         super().__init__(negatives_per_item, weight, seen_combinations_only)
-        self.lexicon = ConcretenessLexicon.from_csv(lexicon) if lexicon else ConcretenessLexicon.builtin()
-        self.categories = tuple(categories) if categories is not None else CATEGORIES
-        # validates categories, selection and temperature now rather than at the first batch
-        self._settings = dict(lexicon=self.lexicon, categories=self.categories, selection=selection,
-                              temperature=temperature)
-        CaptionPerturber(**self._settings)
+        self._settings = dict(lexicon=ConcretenessLexicon.from_csv(lexicon) if lexicon else None,
+                              categories=tuple(categories) if categories is not None else CATEGORIES,
+                              selection=selection, temperature=temperature)
+        CaptionPerturber(**self._settings)  # checks categories, selection and temperature now, not at the first batch
 
     def bind(self, source: Any) -> None:
         source.generator.perturber = CaptionPerturber(**self._settings, combos=source.generator.combos)
