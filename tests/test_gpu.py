@@ -17,6 +17,7 @@ machine they train and mine on CUDA too; :func:`test_fit_on_gpu_mines_on_cuda` c
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,3 +278,49 @@ def test_fit_on_gpu_mines_on_cuda(tmp_path, monkeypatch):
     assert res["device"]["type"] == "cuda" and res["device"]["name"]
     assert 0.0 <= res["test"]["mrr"] <= 1.0
     assert devices and set(devices) == {"cuda"}, devices
+
+
+# ------------------------------------------------------------------------------ vision-language and detection
+def _cuda_fit(config, overrides: list[str], runs) -> dict:
+    from contrastive.cli import main
+
+    assert main(["fit", str(config), *overrides, "trainer.accelerator=gpu"]) == 0
+    res = json.loads(sorted(runs.glob("*/version_*/results.json"))[-1].read_text())
+    assert res["device"]["type"] == "cuda", res["device"]
+    return res
+
+
+def _detection_cases() -> list:
+    from contrastive.detection.category_samplers import CATEGORY_SAMPLERS
+    from tests.test_detection_configs import CONFIGS
+
+    cases = [pytest.param(c, [], id=c.stem) for c in CONFIGS]
+    cases += [pytest.param(c, [f"category_sampler.name={s}", *gt], id=f"{c.stem}-{s}{'-gt' if gt else ''}")
+              for c in CONFIGS if c.stem == "category_query" for s in sorted(CATEGORY_SAMPLERS)
+              for gt in ([], ["category_sampler.force_include_gt=true"]) if s == "cq_topk" or not gt]
+    cases += [pytest.param(CONFIGS[0], ["model.denoising.groups=2"], id=f"{CONFIGS[0].stem}-denoising")]
+    return cases
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("config, extra", _detection_cases())
+def test_detection_fit_on_gpu(config, extra, tmp_path):
+    """Each detection config, each category sampler (and the ground-truth-kept learned selection) and the
+    denoising queries train, validate and test on CUDA (matcher indices, filters and samplers on the device)."""
+    from tests.test_detection_configs import _overrides
+
+    res = _cuda_fit(config, [*_overrides(tmp_path, tmp_path / "cache"), *extra], tmp_path / "runs")
+    assert 0.0 <= res["test"]["mAP"] <= 1.0
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[1] / "configs" / "clip").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_clip_fit_on_gpu(config, tmp_path):
+    """Each vision-language config trains (mining from the second epoch where it mines) and tests on CUDA."""
+    from tests.test_configs_run import FAST, clip_overrides
+
+    res = _cuda_fit(config, [*clip_overrides(tmp_path), *FAST, "trainer.max_epochs=2"], tmp_path / "runs")
+    assert 0.0 <= res["test"]["t2i/R@1"] <= 1.0

@@ -40,7 +40,8 @@ def focal_class_cost(logits: Tensor, slots: Tensor, alpha: float = 0.25, gamma: 
 class HungarianMatcher:
     """One-to-one assignment minimising ``w_class * focal + w_bbox * L1(cxcywh) - w_giou * GIoU``.
 
-    Returns, per image, ``(query_indices, target_indices)`` long tensors of equal length ``min(Q, n)``.
+    Returns, per image, ``(query_indices, target_indices)`` long tensors of equal length ``min(Q, n)``,
+    on the device of the logits.
     """
 
     cost_class: float = 2.0
@@ -66,7 +67,8 @@ class HungarianMatcher:
         """
         b, q, _ = logits.shape
         sizes = [t.shape[0] for t in tgt_boxes]
-        empty = torch.empty(0, dtype=torch.long)
+        # indices on the logits' device: the loss indexes both device tensors and other indices with them
+        empty = torch.empty(0, dtype=torch.long, device=logits.device)
         if sum(sizes) == 0:
             return [(empty, empty) for _ in range(b)]
         tb, ts = torch.cat(tgt_boxes).float(), torch.cat(tgt_slots)
@@ -88,6 +90,7 @@ class HungarianMatcher:
                 continue
             block = c[i, :, start:start + n] + self.cost_class * cls[:, start:start + n]
             rows, cols = linear_sum_assignment(block.numpy())
-            out.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+            out.append((torch.as_tensor(rows, dtype=torch.long, device=logits.device),
+                        torch.as_tensor(cols, dtype=torch.long, device=logits.device)))
             start += n
         return out
