@@ -193,23 +193,27 @@ print(sig_table)
 (OUT_DIR / "significance.md").write_text(sig_table + "\n")
 
 # %% [markdown]
-# ## AP against training frequency, per category (largest vocabulary, all seeds)
+# ## AP against training frequency, per category (one panel per vocabulary, all seeds)
+# Each point is one (seed, category); the lines are each row's mean AP in log-spaced bins of training images.
 
 # %%
-v = VOCABS[-1]
-fig, ax = plt.subplots(figsize=(6, 4))
-for row, marker in ((r, m) for r, m in (("linear", "o"), ("cq_topk", "x"), ("cq_topk_gt", "*"), ("index_topk", "+"), ("random", ".")) if r in ROWS):
-    xs, ys = [], []
-    for s in SEEDS:
-        for cat in results[(v, row, s)]["per_category"].values():
-            xs.append(cat["train_images"])
-            ys.append(cat["ap"])
-    ax.scatter(np.array(xs) + 1, ys, marker=marker, alpha=0.6, label=row)
-ax.set_xscale("log")
-ax.set_xlabel("training images of the category + 1")
-ax.set_ylabel("test AP")
-ax.set_title(f"per-category AP, {v} leaf categories")
-ax.legend()
+MARKERS = {"linear": "o", "cq_topk": "x", "cq_topk_gt": "*", "index_topk": "+", "random": "."}
+fig, axes = plt.subplots(1, len(VOCABS), figsize=(5 * len(VOCABS), 4), squeeze=False)
+for ax, v in zip(axes[0], VOCABS):
+    for row in ROWS:
+        cats = [c for s in SEEDS for c in results[(v, row, s)]["per_category"].values()]
+        xs, ys = np.array([c["train_images"] for c in cats]) + 1, np.array([c["ap"] for c in cats])
+        dots = ax.scatter(xs, ys, marker=MARKERS.get(row, "."), alpha=0.25, s=12)
+        edges = np.unique(np.geomspace(1, xs.max() + 1, 8).round())
+        which = np.digitize(xs, edges)
+        centre = [np.exp(np.log(xs[which == b]).mean()) for b in np.unique(which)]
+        ax.plot(centre, [ys[which == b].mean() for b in np.unique(which)], color=dots.get_facecolor()[0][:3],
+                label=row)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images of the category + 1")
+    ax.set_ylabel("test AP")
+    ax.set_title(f"{v} leaf categories")
+    ax.legend()
 fig.tight_layout()
 fig.savefig(OUT_DIR / "ap_vs_frequency.png", dpi=100)
 
