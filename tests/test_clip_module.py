@@ -284,3 +284,23 @@ def test_caption_sampler_categories_selection_and_a_users_lexicon_from_config(tm
         build_sampler({"name": "neg_captions_concreteness", "lexicon": str(bad)})
     with pytest.raises(ValueError, match="categories"):
         build_sampler({"name": "neg_captions_concreteness", "categories": ["replace_everything"]})
+
+
+def test_image_sampler_edits_from_config(tmp_path):
+    """``neg_images`` takes the scene-edit kinds from the sampler spec: with ``edits: [relation]`` every
+    generated image negative is a relation swap; unknown kinds are an error naming the key."""
+    from contrastive.build import build_sampler
+
+    sampler = build_sampler({"name": "neg_images", "negatives_per_item": 2, "edits": ["relation"]})
+    dm = ClipDataModule(scenes=SCENES, cache_dir=str(tmp_path / "c"), batch_size=8, anchors="captions", sampler=sampler)
+    dm.setup("fit")
+    dm.train_dataloader()
+    gen = sampler.source.generator
+    assert gen.image_kinds == ("relation",)
+    rows = [i for i, s in enumerate(gen.split.scenes) if len(s.objects) > 1][:6]
+    neg = gen.image_negatives(rows, [gen.split.captions[i][0] for i in rows], per_item=2)
+    assert neg.kinds and set(neg.kinds) == {"relation"}
+    everything = build_sampler({"name": "neg_images", "negatives_per_item": 4})
+    assert everything.edits == ("colour", "size", "shape", "relation")
+    with pytest.raises(ValueError, match="edits"):
+        build_sampler({"name": "neg_images", "edits": ["texture"]})

@@ -20,7 +20,7 @@ from torch import Tensor
 from contrastive.registry import SAMPLERS
 from contrastive.samplers.base import NegativeSampler, SampledNegatives
 from datamodules.clip.lexicon import ConcretenessLexicon
-from datamodules.clip.perturb import CATEGORIES, CaptionPerturber, RandomWordPerturber
+from datamodules.clip.perturb import CATEGORIES, IMAGE_EDITS, CaptionPerturber, RandomWordPerturber
 
 
 class SceneNegativeSampler(NegativeSampler):
@@ -107,6 +107,23 @@ class RandomWordCaptionSampler(SceneNegativeSampler):
 
 @SAMPLERS.register("neg_images")
 class SceneImageSampler(SceneNegativeSampler):
-    """A re-rendered scene per caption anchor with one colour, size, shape or relation changed."""
+    """A re-rendered scene per caption anchor with one colour, size, shape or relation changed.
+
+    Args (besides those of :class:`SceneNegativeSampler`):
+        edits: the scene-edit kinds to draw from (default: all of :data:`~datamodules.clip.perturb.IMAGE_EDITS`),
+            e.g. ``[relation]`` for relation-swapped image negatives only.
+    """
 
     kind = "images"
+
+    def __init__(self, negatives_per_item: int = 1, weight: float = 1.0, seen_combinations_only: bool = True,
+                 edits: Optional[Sequence[str]] = None) -> None:
+        super().__init__(negatives_per_item, weight, seen_combinations_only)
+        self.edits = tuple(edits) if edits is not None else IMAGE_EDITS
+        unknown = sorted(set(self.edits) - set(IMAGE_EDITS))
+        if unknown or not self.edits:
+            raise ValueError(f"neg_images: edits must be a non-empty subset of {list(IMAGE_EDITS)}; got {list(self.edits)}")
+
+    def bind(self, source: Any) -> None:
+        source.generator.image_kinds = self.edits
+        super().bind(source)
