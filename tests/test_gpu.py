@@ -294,11 +294,12 @@ def _detection_cases() -> list:
     from contrastive.detection.category_samplers import CATEGORY_SAMPLERS
     from tests.test_detection_configs import CONFIGS
 
+    cq = next(c for c in CONFIGS if c.stem == "category_query")
     cases = [pytest.param(c, [], id=c.stem) for c in CONFIGS]
-    cases += [pytest.param(c, [f"category_sampler.name={s}", *gt], id=f"{c.stem}-{s}{'-gt' if gt else ''}")
-              for c in CONFIGS if c.stem == "category_query" for s in sorted(CATEGORY_SAMPLERS)
-              for gt in ([], ["category_sampler.force_include_gt=true"]) if s == "cq_topk" or not gt]
-    cases += [pytest.param(CONFIGS[0], ["model.denoising.groups=2"], id=f"{CONFIGS[0].stem}-denoising")]
+    cases += [pytest.param(cq, [f"category_sampler.name={s}"], id=f"{cq.stem}-{s}") for s in sorted(CATEGORY_SAMPLERS)]
+    cases += [pytest.param(cq, ["category_sampler.name=cq_topk", "category_sampler.force_include_gt=true"],
+                           id=f"{cq.stem}-cq_topk-gt"),
+              pytest.param(CONFIGS[0], ["model.denoising.groups=2"], id=f"{CONFIGS[0].stem}-denoising")]
     return cases
 
 

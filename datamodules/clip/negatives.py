@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from datamodules.clip.perturb import IMAGE_EDITS, CaptionPerturber, RandomWordPerturber, perturb_scene_many
+from datamodules.clip.perturb import (IMAGE_EDITS, CaptionPerturber, RandomWordPerturber, image_edit_kinds,
+                                      perturb_scene_many)
 from datamodules.clip.scenes import Combo, SceneSplit, render_scene
 
 
@@ -80,7 +81,7 @@ class SceneNegativeGenerator:
         self.split, self.tokenizer, self.transform = split, tokenizer, transform
         self.combos = None if combos is None else frozenset(combos)
         self.perturber = perturber or CaptionPerturber(combos=self.combos)
-        self.image_kinds = tuple(image_kinds)
+        self.image_kinds = image_edit_kinds(image_kinds)
         self.seed = seed
         self.image_size = int(split.images.shape[1]) if len(split) else 64
 

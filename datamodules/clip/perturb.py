@@ -312,6 +312,15 @@ class RandomWordPerturber:
 IMAGE_EDITS: tuple[str, ...] = ("colour", "size", "shape", "relation")
 
 
+def image_edit_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    """``kinds`` as a tuple, checked to be a non-empty subset of :data:`IMAGE_EDITS`."""
+    kinds = tuple(kinds)
+    unknown = [k for k in kinds if k not in IMAGE_EDITS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown scene edits {unknown}; expected a non-empty subset of {IMAGE_EDITS}")
+    return kinds
+
+
 @dataclass(frozen=True)
 class SceneEdit:
     """``kind`` in :data:`IMAGE_EDITS`; ``objects`` the indices changed; ``old``/``new`` the values

@@ -20,7 +20,7 @@ from torch import Tensor
 from contrastive.registry import SAMPLERS
 from contrastive.samplers.base import NegativeSampler, SampledNegatives
 from datamodules.clip.lexicon import ConcretenessLexicon
-from datamodules.clip.perturb import CATEGORIES, IMAGE_EDITS, CaptionPerturber, RandomWordPerturber
+from datamodules.clip.perturb import CATEGORIES, IMAGE_EDITS, CaptionPerturber, RandomWordPerturber, image_edit_kinds
 
 
 class SceneNegativeSampler(NegativeSampler):
@@ -119,10 +119,7 @@ class SceneImageSampler(SceneNegativeSampler):
     def __init__(self, negatives_per_item: int = 1, weight: float = 1.0, seen_combinations_only: bool = True,
                  edits: Optional[Sequence[str]] = None) -> None:
         super().__init__(negatives_per_item, weight, seen_combinations_only)
-        self.edits = tuple(edits) if edits is not None else IMAGE_EDITS
-        unknown = sorted(set(self.edits) - set(IMAGE_EDITS))
-        if unknown or not self.edits:
-            raise ValueError(f"neg_images: edits must be a non-empty subset of {list(IMAGE_EDITS)}; got {list(self.edits)}")
+        self.edits = image_edit_kinds(edits if edits is not None else IMAGE_EDITS)  # checked now, not at bind
 
     def bind(self, source: Any) -> None:
         source.generator.image_kinds = self.edits
